@@ -1,0 +1,5 @@
+import sys
+
+from hashret.cli import main
+
+sys.exit(main())

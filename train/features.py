@@ -1,0 +1,142 @@
+"""Backbone feature extraction with an on-disk cache.
+
+Pooled features are computed once per (image list, backbone, weights, preprocessing) and reused:
+training the hash head then takes seconds instead of re-running the backbone every epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from hashret.datasets import Sample
+from hashret.errors import BadInput
+from hashret.fsutil import atomic_write, sha256_file
+from hashret.images import PreprocessSpec, load_image
+from hashret.models import Backbone, Normalize
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """HASHRET_CACHE, else ~/.cache/hashret/features."""
+    return Path(os.environ.get("HASHRET_CACHE", Path.home() / ".cache" / "hashret")) / "features"
+
+
+class ImageList(Dataset):
+    """Decoded, resized, cropped uint8 images; a bad file yields None (kept or raised by the caller)."""
+
+    def __init__(self, samples: list[Sample], spec: PreprocessSpec, flip: bool = False):
+        self.samples, self.spec, self.flip = samples, spec, flip
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        s = self.samples[i]
+        try:
+            img = load_image(s.path, self.spec)
+        except BadInput as e:
+            return i, None, f"{s.source or s.path} | {str(e).split(' | ', 1)[-1]}"
+        if self.flip and torch.rand(()) < 0.5:
+            img = np.ascontiguousarray(img[:, ::-1])
+        return i, torch.from_numpy(img), None
+
+
+def collate(batch):
+    idx = [b[0] for b in batch]
+    imgs = [b[1] for b in batch]
+    errs = [b[2] for b in batch]
+    good = [k for k, im in enumerate(imgs) if im is not None]
+    x = torch.stack([imgs[k] for k in good]) if good else torch.empty(0, dtype=torch.uint8)
+    return [idx[k] for k in good], x, [(idx[k], errs[k]) for k in range(len(batch)) if imgs[k] is None]
+
+
+def cache_key(samples: list[Sample], backbone: Backbone) -> str:
+    h = hashlib.sha256()
+    weights = backbone.weights
+    if Path(weights).is_file():  # a local .pth: key on its content, not its name
+        weights = sha256_file(weights)
+    h.update(json.dumps({"backbone": backbone.name, "weights": weights, "spec": backbone.spec.to_dict()}).encode())
+    for s in samples:
+        try:
+            st = os.stat(s.path)
+            h.update(f"{s.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{s.path}\0missing\n".encode())
+    return h.hexdigest()[:32]
+
+
+def num_workers() -> int:
+    """One decoding worker per spare core; 0 (inline) on a 1-2 core host where it only adds overhead."""
+    return max(0, min(4, (os.cpu_count() or 1) - 2))
+
+
+@torch.no_grad()
+def extract(
+    samples: list[Sample],
+    backbone: Backbone,
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features [M, dim] float32 for the readable samples, their indices into `samples`, and skip notes."""
+    net = torch.nn.Sequential(Normalize(backbone.spec), backbone.net).to(device).eval()
+    loader = DataLoader(
+        ImageList(samples, backbone.spec), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers(), collate_fn=collate,
+    )
+    feats, kept, skipped = [], [], []
+    bar = tqdm(total=len(samples), desc=f"features {backbone.name}", unit="img", disable=not progress)
+    for idx, x, errs in loader:
+        for _, err in errs:
+            if not skip_bad:
+                raise BadInput(f"{err} (use --skip-bad to skip unreadable images)")
+            skipped.append(err)
+        if len(idx):
+            feats.append(net(x.to(device)).float().cpu().numpy())
+            kept.extend(idx)
+        bar.update(len(idx) + len(errs))
+    bar.close()
+    dim = backbone.dim
+    out = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
+    return out.astype(np.float32), np.asarray(kept, dtype=np.int64), skipped
+
+
+def cached_features(
+    samples: list[Sample],
+    backbone: Backbone,
+    cache_dir: str | os.PathLike | None = None,
+    **kw,
+) -> tuple[np.ndarray, np.ndarray, list[str], bool]:
+    """`extract` through the cache; returns (features, kept indices, skip notes, cache_hit)."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = cache_dir / f"{backbone.name}-{cache_key(samples, backbone)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                f, kept = z["features"], z["kept"]
+                skipped = [str(s) for s in z["skipped"]]
+            if skipped and not kw.get("skip_bad", False):
+                raise BadInput(f"{skipped[0]} (use --skip-bad to skip unreadable images)")
+            log.info("feature cache hit: %s (%d images)", path, len(kept))
+            return f, kept, skipped, True
+        except (OSError, KeyError, ValueError) as e:
+            log.warning("feature cache %s unreadable (%s): recomputing", path, e)
+    f, kept, skipped = extract(samples, backbone, **kw)
+
+    def write(fh):
+        np.savez(fh, features=f, kept=kept, skipped=np.asarray(skipped, dtype=str))
+
+    atomic_write(path, write)
+    log.info("feature cache written: %s", path)
+    return f, kept, skipped, False
