@@ -112,14 +112,16 @@ def decode_image(
             if w < 1 or h < 1:
                 raise BadInput(f"{label} | has zero size ({w}x{h})")
             if w * h > max_pixels:
-                raise BadInput(f"{label} | {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+                raise BadInput(f"{label} | {w}x{h} = {w * h} pixel count exceeds the limit of {max_pixels}")
             img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img) or img
             return _to_rgb(img)
     except BadInput:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadInput(f"{label} | pixel count exceeds the limit (decompression bomb?): {e}") from None
+    except UnidentifiedImageError as e:
         raise BadInput(f"{label} | not a decodable image ({type(e).__name__}: {e})") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as e:
         raise BadInput(f"{label} | corrupt or truncated image ({type(e).__name__}: {e})") from None

@@ -62,6 +62,7 @@ def _load_state(path: str, what: str) -> dict:
 def _load_into(net: nn.Module, state: dict, path: str, ignore_prefixes=()) -> None:
     state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_prefixes))}
     missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(tuple(ignore_prefixes))]
     if missing or unexpected:
         raise BadInput(
             f"--weights {path} | does not fit this backbone: {len(missing)} missing keys "
@@ -126,7 +127,7 @@ def efficientnet_lite0(weights: str = "imagenet") -> Backbone:
         full = EfficientNet.from_name("efficientnet-lite0")
         if weights not in ("none", "random"):
             _load_into(full, _load_state(weights, "efficientnet-lite0"), weights, ignore_prefixes=("_fc.",))
-    full.set_swish(memory_efficient=False)  # plain ops: exportable to ONNX
+    # Lite models use ReLU6 throughout; never call the package's set_swish(), which swaps in Swish.
 
     class _Trunk(nn.Module):
         def __init__(self, m):

@@ -59,8 +59,13 @@ def collate(batch):
     return [idx[k] for k in good], x, [(idx[k], errs[k]) for k in range(len(batch)) if imgs[k] is None]
 
 
+# Bump when feature extraction changes meaning (a backbone fix), so stale caches are not reused.
+FEATURE_VERSION = 2
+
+
 def cache_key(samples: list[Sample], backbone: Backbone) -> str:
     h = hashlib.sha256()
+    h.update(f"v{FEATURE_VERSION}".encode())
     weights = backbone.weights
     if Path(weights).is_file():  # a local .pth: key on its content, not its name
         weights = sha256_file(weights)

@@ -316,6 +316,8 @@ def _run(args, d, device: str, t0: float) -> int:
     metrics["feature_cache_hit"] = bool(hit)
     metrics["weights_sha"] = weights_digest(encoder)
 
+    if d.enabled:  # lets a launcher (and our DDP test) confirm that every rank ended identical
+        print(f"rank {d.rank}/{d.world} weights sha256 {metrics['weights_sha']}", flush=True)
     if d.main:
         out = Path(args.out)
         manifest = run_manifest(

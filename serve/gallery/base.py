@@ -1,0 +1,325 @@
+"""The abstract gallery: validation, locking and the manifest, shared by every index kind.
+
+Concrete kinds (FAISS, Milvus) implement only the storage primitives (`_upsert`,
+`_delete`, `_search`, ...). Everything a caller can get wrong is checked here once, so
+every kind refuses bad input with the same message, and one lock per gallery makes it
+safe to call from the server's worker threads.
+"""
+from __future__ import annotations
+
+import abc
+import datetime as _dt
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import hashret
+from hashret.errors import ArtifactMismatch, BadInput, MissingArtifact, NotFound
+from hashret.fsutil import read_json, write_json_atomic
+from hashret.registry import Registry
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+REBUILD = "rebuild with `hashret index build`"
+
+#: index kind name -> Gallery subclass (with `create` and `open` classmethods)
+INDEX_KINDS: Registry[type["Gallery"]] = Registry("index kind")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the item's id, its Hamming distance to the query, its metadata."""
+
+    id: str
+    distance: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def short_sha(sha: str) -> str:
+    return f"{sha[:8]}…" if len(sha) > 8 else sha
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_bits(bits: Any) -> int:
+    """Codes are whole bytes (np.packbits); FAISS and Milvus both need a multiple of 8."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not (
+        8 <= int(bits) <= 4096 and int(bits) % 8 == 0
+    ):
+        raise BadInput(f"bits {bits!r} | invalid: use a multiple of 8 between 8 and 4096 (e.g. 64)")
+    return int(bits)
+
+
+def new_manifest(bits: int, model_sha256: str, index: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "gallery",
+        "model": {"sha256": model_sha256, "bits": bits},
+        "index": index,
+        "size": 0,
+        "checksum": None,
+        "created": now_iso(),
+        "hashret_version": hashret.__version__,
+    }
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Read GAL/manifest.json and refuse anything this version cannot interpret."""
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise MissingArtifact(f"gallery {path} | no {MANIFEST}: create it with `hashret index build`")
+    m = read_json(mpath, "gallery manifest")
+    if not isinstance(m, dict) or m.get("kind") != "gallery":
+        raise ArtifactMismatch(f"gallery manifest {mpath} | not a gallery manifest: {REBUILD}")
+    version = m.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ArtifactMismatch(
+            f"gallery manifest {mpath} | schema_version {version!r} is newer than this hashret "
+            f"supports ({SCHEMA_VERSION}): upgrade hashret or {REBUILD}"
+        )
+    try:
+        check_bits(m["model"]["bits"])
+        str(m["model"]["sha256"])
+        str(m["index"]["kind"])
+    except (KeyError, TypeError, BadInput):
+        raise ArtifactMismatch(f"gallery manifest {mpath} | missing model/index fields: {REBUILD}") from None
+    return m
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    write_json_atomic(path / MANIFEST, manifest)
+
+
+class Gallery(abc.ABC):
+    """Packed binary codes + string ids + string metadata, searchable by Hamming distance.
+
+    Results are sorted by distance; ties go to the item inserted first (an upsert that
+    replaces an id keeps its original place), so every kind returns the same list.
+    """
+
+    kind: str = ""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self._path = Path(path)
+        self._manifest = manifest
+        self._bits = int(manifest["model"]["bits"])
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # ---- creation / opening (per kind) -------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def create(cls, path: Path, bits: int, model_sha256: str, options: dict[str, Any]) -> "Gallery":
+        """Make a new, empty gallery at `path` (the folder has no manifest yet)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def open(cls, path: Path, manifest: dict[str, Any]) -> "Gallery":
+        """Load an existing gallery whose manifest was already validated."""
+
+    # ---- properties ---------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @property
+    def nbytes(self) -> int:
+        return self._bits // 8
+
+    @property
+    def model_sha256(self) -> str:
+        return str(self._manifest["model"]["sha256"])
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return dict(self._manifest)
+
+    @property
+    def size(self) -> int:
+        with self._lock:
+            self._check_open()
+            return self._size()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __enter__(self) -> "Gallery":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._path} {self.kind} {self._bits} bits>"
+
+    # ---- public operations --------------------------------------------------------------
+    def upsert(
+        self, ids: Sequence[str], codes: np.ndarray, metadata: Sequence[dict] | None = None
+    ) -> None:
+        """Add items, replacing any id already present; durable when this returns."""
+        ids = self._check_ids(ids, "upsert")
+        codes = self._check_codes(codes, "codes")
+        if len(codes) != len(ids):
+            raise BadInput(f"upsert | {len(ids)} ids but {len(codes)} codes: pass one code per id")
+        metadata = self._check_metadata(metadata, len(ids))
+        if not ids:
+            return
+        with self._lock:
+            self._check_open()
+            self._upsert(ids, codes, metadata)
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Remove items; all-or-nothing: an unknown id raises NotFound and nothing is deleted."""
+        ids = self._check_ids(ids, "delete")
+        if not ids:
+            return 0
+        with self._lock:
+            self._check_open()
+            missing = self._missing(ids)
+            if missing:
+                shown = ", ".join(repr(i) for i in missing[:10])
+                more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
+                raise NotFound(
+                    f"gallery {self._path} | {len(missing)} id(s) not found: {shown}{more}; nothing was deleted"
+                )
+            self._delete(ids)
+            return len(ids)
+
+    def search(
+        self, queries: np.ndarray, k: int, max_distance: int | None = None
+    ) -> list[list[Hit]]:
+        """The k nearest items per query row, by Hamming distance, at most `max_distance` away."""
+        queries = self._check_codes(queries, "queries")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise BadInput(f"k {k!r} | must be an integer >= 1")
+        if max_distance is not None and (
+            isinstance(max_distance, bool)
+            or not isinstance(max_distance, (int, np.integer))
+            or max_distance < 0
+        ):
+            raise BadInput(f"max_distance {max_distance!r} | must be an integer >= 0 or None")
+        with self._lock:
+            self._check_open()
+            if len(queries) == 0 or self._size() == 0:
+                return [[] for _ in range(len(queries))]
+            results = self._search(queries, int(k))
+        if max_distance is not None:
+            results = [[h for h in hits if h.distance <= max_distance] for hits in results]
+        return results
+
+    def get(self, id: str) -> tuple[np.ndarray, dict[str, str]]:
+        """The stored code (uint8[bits//8]) and metadata of one id; NotFound if absent."""
+        with self._lock:
+            self._check_open()
+            found = self._get(str(id))
+        if found is None:
+            raise NotFound(f"gallery {self._path} | id {id!r} not found")
+        return found
+
+    def ids(self) -> list[str]:
+        """All ids in insertion order."""
+        with self._lock:
+            self._check_open()
+            return self._ids()
+
+    def save(self) -> None:
+        """Snapshot/flush so the gallery reopens fast; acknowledged writes are durable anyway."""
+        with self._lock:
+            self._check_open()
+            self._save()
+
+    def close(self) -> None:
+        """Release files and connections; does not snapshot (writes are already durable)."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._close()
+
+    # ---- validation ---------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BadInput(f"gallery {self._path} | already closed: open it again with open_gallery")
+
+    def _check_ids(self, ids: Sequence[str], op: str) -> list[str]:
+        if isinstance(ids, (str, bytes)):
+            raise BadInput(f"{op} | ids must be a list of strings, got a single {type(ids).__name__}")
+        ids = list(ids)
+        for i in ids:
+            if not isinstance(i, str) or not i:
+                raise BadInput(f"{op} | id {i!r} is invalid: ids must be non-empty strings")
+        if len(set(ids)) != len(ids):
+            seen: set[str] = set()
+            dups = sorted({i for i in ids if i in seen or seen.add(i)})
+            raise BadInput(f"{op} | duplicate ids in one call: {', '.join(map(repr, dups[:10]))}")
+        return ids
+
+    def _check_codes(self, codes: Any, what: str) -> np.ndarray:
+        if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8 or codes.ndim != 2:
+            got = (
+                f"{codes.dtype}{list(codes.shape)}" if isinstance(codes, np.ndarray) else type(codes).__name__
+            )
+            raise BadInput(
+                f"{what} | expected packed uint8[N, {self.nbytes}] (np.packbits of {self._bits} bits), "
+                f"got {got}"
+            )
+        if codes.shape[1] != self.nbytes:
+            raise BadInput(
+                f"{what} | width {codes.shape[1]} bytes ({codes.shape[1] * 8} bits), gallery holds "
+                f"{self.nbytes} bytes ({self._bits} bits): encode with the gallery's model"
+            )
+        return np.ascontiguousarray(codes)
+
+    @staticmethod
+    def _check_metadata(metadata: Sequence[dict] | None, n: int) -> list[dict[str, str]]:
+        if metadata is None:
+            return [{} for _ in range(n)]
+        metadata = list(metadata)
+        if len(metadata) != n:
+            raise BadInput(f"upsert | {n} ids but {len(metadata)} metadata entries: pass one dict per id")
+        out = []
+        for m in metadata:
+            if m is None:
+                m = {}
+            if not isinstance(m, dict) or not all(
+                isinstance(a, str) and isinstance(b, str) for a, b in m.items()
+            ):
+                raise BadInput(f"upsert | metadata {m!r} is invalid: use a dict of str -> str")
+            out.append(dict(m))
+        return out
+
+    # ---- primitives each kind implements (called with the lock held) ---------------------
+    @abc.abstractmethod
+    def _size(self) -> int: ...
+
+    @abc.abstractmethod
+    def _upsert(self, ids: list[str], codes: np.ndarray, metadata: list[dict[str, str]]) -> None: ...
+
+    @abc.abstractmethod
+    def _missing(self, ids: list[str]) -> list[str]: ...
+
+    @abc.abstractmethod
+    def _delete(self, ids: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    def _search(self, queries: np.ndarray, k: int) -> list[list[Hit]]: ...
+
+    @abc.abstractmethod
+    def _get(self, id: str) -> tuple[np.ndarray, dict[str, str]] | None: ...
+
+    @abc.abstractmethod
+    def _ids(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def _save(self) -> None: ...
+
+    @abc.abstractmethod
+    def _close(self) -> None: ...

@@ -1,0 +1,313 @@
+"""Gallery semantics, exactness and crash safety on real FAISS and real Milvus Lite."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from hashret.errors import ArtifactMismatch, BadInput, NotFound, Unavailable
+from serve.gallery import SCHEMA_VERSION, Hit, create_gallery, open_gallery
+
+try:
+    import milvus_lite  # noqa: F401
+    import pymilvus  # noqa: F401
+
+    MILVUS_SKIP = ""
+except Exception as e:  # ImportError, or pkg_resources missing
+    MILVUS_SKIP = f"Milvus Lite unavailable: import pymilvus/milvus_lite failed ({e})"
+
+milvus = pytest.mark.skipif(bool(MILVUS_SKIP), reason=MILVUS_SKIP or "-")
+KINDS = ["faiss-flat", "faiss-hnsw", pytest.param("milvus", marks=milvus)]
+FAISS_KINDS = ["faiss-flat", "faiss-hnsw"]
+SHA = "3f2a" + "0" * 60
+BITS = 64
+
+
+def rand_codes(n: int, bits: int = BITS, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, bits // 8), dtype=np.uint8)
+
+
+def hamming(q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    return np.unpackbits(q[None, :] ^ codes, axis=1).sum(1)
+
+
+def brute_force(queries, codes, ids, k):
+    """Reference ranking: by distance, ties by insertion position."""
+    out = []
+    for q in queries:
+        d = hamming(q, codes)
+        order = np.lexsort((np.arange(len(d)), d))[:k]
+        out.append([(ids[i], int(d[i])) for i in order])
+    return out
+
+
+def pairs(hits: list[Hit]) -> list[tuple[str, int]]:
+    return [(h.id, h.distance) for h in hits]
+
+
+@pytest.fixture
+def make(tmp_path):
+    opened = []
+
+    def _make(kind="faiss-flat", name="gal", bits=BITS, **opts):
+        g = create_gallery(tmp_path / name, kind, bits, SHA, **opts)
+        opened.append(g)
+        return g
+
+    yield _make
+    for g in opened:
+        g.close()
+
+
+# ---- semantics ------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_upsert_search_get_delete(make, kind):
+    g = make(kind)
+    codes = np.array([[0] * 8, [255] + [0] * 7, [255] * 8], np.uint8)
+    g.upsert(["a", "b", "c"], codes, [{"f": "a.jpg"}, {}, {"f": "c.jpg"}])
+    assert (g.size, g.ids()) == (3, ["a", "b", "c"])
+    q = np.zeros((1, 8), np.uint8)
+    assert pairs(g.search(q, 5)[0]) == [("a", 0), ("b", 8), ("c", 64)]
+    assert g.search(q, 1)[0] == [Hit("a", 0, {"f": "a.jpg"})]
+    assert pairs(g.search(q, 5, max_distance=8)[0]) == [("a", 0), ("b", 8)]
+    # replacing keeps the id's place (first-insertion order breaks ties) and its new data
+    g.upsert(["a", "d"], np.array([[255] * 8, [0] * 8], np.uint8), [{"f": "new"}, {}])
+    assert g.ids() == ["a", "b", "c", "d"]
+    code, meta = g.get("a")
+    assert code.tolist() == [255] * 8 and meta == {"f": "new"}
+    assert pairs(g.search(q, 5)[0]) == [("d", 0), ("b", 8), ("a", 64), ("c", 64)]
+    assert g.delete(["b", "d"]) == 2
+    assert (g.size, g.ids()) == (2, ["a", "c"])
+    assert pairs(g.search(q, 5)[0]) == [("a", 64), ("c", 64)]
+    with pytest.raises(NotFound, match="'b' not found"):
+        g.get("b")
+    assert g.search(np.zeros((0, 8), np.uint8), 3) == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_delete_unknown_id_deletes_nothing(make, kind):
+    g = make(kind)
+    g.upsert(["a", "b"], rand_codes(2))
+    with pytest.raises(NotFound, match=r"1 id\(s\) not found: 'zz'; nothing was deleted"):
+        g.delete(["a", "zz"])
+    assert g.ids() == ["a", "b"]
+
+
+def test_flat_equals_brute_force(make):
+    codes, ids = rand_codes(2000, seed=1), [f"img{i}" for i in range(2000)]
+    g = make("faiss-flat")
+    g.upsert(ids, codes)
+    queries = np.concatenate([codes[:5], rand_codes(15, seed=2)])
+    got = [pairs(h) for h in g.search(queries, 10)]
+    assert got == brute_force(queries, codes, ids, 10)
+
+
+@milvus
+def test_faiss_flat_and_milvus_lite_agree(make):
+    """Same top-k (ids and distances), ties included, after upserts, replaces and deletes."""
+    codes, ids = rand_codes(2000, seed=3), [f"img{i}" for i in range(2000)]
+    gals = [make("faiss-flat", "f"), make("milvus", "m")]
+    for g in gals:
+        g.upsert(ids, codes, [{"i": str(i)} for i in range(2000)])
+        g.upsert(ids[:50], rand_codes(50, seed=4))
+        g.delete(ids[50:100])
+    final_ids = ids[:50] + ids[100:]
+    final_codes = np.concatenate([rand_codes(50, seed=4), codes[100:]])
+    queries = np.concatenate([codes[200:205], rand_codes(15, seed=5)])
+    want = brute_force(queries, final_codes, final_ids, 20)
+    flat, mil = (g.search(queries, 20) for g in gals)
+    assert [pairs(h) for h in flat] == want
+    assert [pairs(h) for h in mil] == want
+    assert mil[0][0].metadata == {"i": "200"}
+    within = [pairs(h) for h in gals[1].search(queries, 20, max_distance=25)]
+    assert within == [[p for p in w if p[1] <= 25] for w in want]
+
+
+def test_hnsw_recall_vs_flat(make):
+    """Clustered codes (like real image hashes); recall counts tied distances as hits."""
+    rng = np.random.default_rng(6)
+    centers = rng.integers(0, 2, (30, BITS), dtype=np.uint8)
+    bits = centers[rng.integers(0, 30, 3000)] ^ (rng.random((3000, BITS)) < 0.1)
+    codes = np.packbits(bits.astype(np.uint8), axis=1)
+    ids = [str(i) for i in range(3000)]
+    flat, hnsw = make("faiss-flat", "f"), make("faiss-hnsw", "h", M=16)
+    for g in (flat, hnsw):
+        g.upsert(ids, codes)
+    queries = codes[rng.choice(3000, 100, replace=False)] ^ np.uint8(1)
+    hits = 0
+    for ref, got in zip(flat.search(queries, 10), hnsw.search(queries, 10)):
+        kth = ref[-1].distance
+        hits += sum(h.distance <= kth for h in got)
+    assert hits / 1000 >= 0.9
+
+
+def test_concurrent_upserts_and_searches(make):
+    g = make("faiss-hnsw")
+    errors = []
+
+    def worker(t):
+        try:
+            for b in range(10):
+                ids = [f"t{t}-{b}-{i}" for i in range(5)]
+                g.upsert(ids, rand_codes(5, seed=100 * t + b))
+                g.search(rand_codes(2, seed=t), 3)
+                g.delete(ids[:1])
+        except Exception as e:  # surfaced below; threads swallow exceptions
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and g.size == 4 * 10 * 4
+
+
+# ---- persistence and crash safety ------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_reopen_without_save_keeps_writes(tmp_path, kind):
+    g = create_gallery(tmp_path / "g", kind, BITS, SHA)
+    g.upsert(["a", "b", "c"], rand_codes(3), [{"x": "1"}, {}, {}])
+    g.save()
+    g.upsert(["d"], rand_codes(1, seed=9))
+    g.upsert(["a"], rand_codes(1, seed=8), [{"x": "2"}])
+    g.delete(["b"])
+    g.close()  # no save(): FAISS replays wal.jsonl, Milvus persisted by itself
+    with open_gallery(tmp_path / "g", BITS, SHA) as g2:
+        assert g2.ids() == ["a", "c", "d"]
+        assert g2.get("a")[1] == {"x": "2"}
+        assert g2.get("a")[0].tolist() == rand_codes(1, seed=8)[0].tolist()
+        assert pairs(g2.search(rand_codes(1, seed=9), 1)[0]) == [("d", 0)]
+
+
+@pytest.mark.parametrize("kind", FAISS_KINDS)
+def test_crash_after_manifest_before_wal_reset_applies_once(tmp_path, kind):
+    g = create_gallery(tmp_path / "g", kind, BITS, SHA)
+    g.upsert(["a", "b"], rand_codes(2))
+    g.delete(["a"])
+    g.upsert(["a"], rand_codes(1, seed=1))
+    wal = (tmp_path / "g" / "wal.jsonl").read_bytes()
+    g.save()
+    g.close()
+    (tmp_path / "g" / "wal.jsonl").write_bytes(wal)  # as if the WAL reset never happened
+    with open_gallery(tmp_path / "g") as g2:
+        assert g2.ids() == ["b", "a"]
+
+
+@pytest.mark.parametrize("kind", FAISS_KINDS)
+def test_torn_last_wal_line_is_ignored(tmp_path, kind, caplog):
+    g = create_gallery(tmp_path / "g", kind, BITS, SHA)
+    g.upsert(["a", "b"], rand_codes(2))
+    g.close()
+    wal = tmp_path / "g" / "wal.jsonl"
+    with open(wal, "ab") as f:
+        f.write(b'{"crc":"1234abcd","rec":{"seq":2,"op":"ups')  # crash mid-append
+    with caplog.at_level(logging.WARNING, logger="hashret.gallery"):
+        g2 = open_gallery(tmp_path / "g")
+    assert "torn last line" in caplog.text
+    assert g2.ids() == ["a", "b"]
+    g2.upsert(["c"], rand_codes(1, seed=1))  # the log continues on a clean line
+    g2.close()
+    with open_gallery(tmp_path / "g") as g3:
+        assert g3.ids() == ["a", "b", "c"]
+
+
+def test_corrupt_wal_line_in_the_middle_is_refused(tmp_path):
+    g = create_gallery(tmp_path / "g", "faiss-flat", BITS, SHA)
+    g.upsert(["a"], rand_codes(1))
+    g.upsert(["b"], rand_codes(1, seed=1))
+    g.close()
+    wal = tmp_path / "g" / "wal.jsonl"
+    lines = wal.read_bytes().splitlines(keepends=True)
+    wal.write_bytes(lines[0].replace(b'"a"', b'"x"') + lines[1])
+    with pytest.raises(ArtifactMismatch, match=r"wal\.jsonl \| line 1 is corrupt"):
+        open_gallery(tmp_path / "g")
+
+
+@pytest.mark.parametrize("kind", FAISS_KINDS)
+def test_truncated_snapshot_is_detected(tmp_path, kind):
+    g = create_gallery(tmp_path / "g", kind, BITS, SHA)
+    g.upsert([str(i) for i in range(50)], rand_codes(50))
+    g.save()
+    g.close()
+    snap = tmp_path / "g" / "snapshot-000001.codes.npy"
+    snap.write_bytes(snap.read_bytes()[:-7])
+    with pytest.raises(ArtifactMismatch, match=r"snapshot-000001\.codes\.npy \| sha256 .* restore it or rebuild"):
+        open_gallery(tmp_path / "g")
+
+
+@pytest.mark.parametrize(
+    "bits, sha, shown",
+    [(128, SHA, r"3f2a0000…\(64 bits\), engine is 3f2a0000…\(128 bits\)"),
+     (BITS, "9c1b" * 16, r"3f2a0000…\(64 bits\), engine is 9c1b9c1b…\(64 bits\)")],
+)
+def test_model_mismatch_is_refused(tmp_path, bits, sha, shown):
+    create_gallery(tmp_path / "g", "faiss-flat", BITS, SHA).close()
+    with pytest.raises(ArtifactMismatch, match=f"built for model {shown}: rebuild with `hashret index build`"):
+        open_gallery(tmp_path / "g", expect_bits=bits, expect_model_sha256=sha)
+
+
+def test_newer_schema_version_is_refused(tmp_path):
+    create_gallery(tmp_path / "g", "faiss-flat", BITS, SHA).close()
+    mpath = tmp_path / "g" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["schema_version"] = SCHEMA_VERSION + 1
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ArtifactMismatch, match=r"manifest\.json \| schema_version 2 is newer .*upgrade hashret"):
+        open_gallery(tmp_path / "g")
+
+
+def test_second_open_and_existing_folder_are_refused(tmp_path):
+    g = create_gallery(tmp_path / "g", "faiss-flat", BITS, SHA)
+    with pytest.raises(Unavailable, match="already open"):
+        open_gallery(tmp_path / "g")
+    with pytest.raises(BadInput, match="already exists"):
+        create_gallery(tmp_path / "g", "faiss-flat", BITS, SHA)
+    g.close()
+    shutil.rmtree(tmp_path / "g")
+    with pytest.raises(BadInput, match="unknown: choose one of faiss-flat, faiss-hnsw, milvus"):
+        create_gallery(tmp_path / "g", "annoy", BITS, SHA)
+
+
+# ---- input validation --------------------------------------------------------------------
+BAD_CALLS = [
+    ("upsert", (["a"], np.zeros((1, 16), np.uint8)), r"width 16 bytes \(128 bits\), gallery holds 8 bytes \(64 bits\)"),
+    ("upsert", (["a"], np.zeros((1, 8), np.int64)), r"expected packed uint8\[N, 8\]"),
+    ("upsert", (["a", "a"], np.zeros((2, 8), np.uint8)), "duplicate ids in one call: 'a'"),
+    ("upsert", ([""], np.zeros((1, 8), np.uint8)), "ids must be non-empty strings"),
+    ("upsert", (["a", "b"], np.zeros((1, 8), np.uint8)), "2 ids but 1 codes"),
+    ("upsert", (["a"], np.zeros((1, 8), np.uint8), [{"n": 1}]), "dict of str -> str"),
+    ("search", (np.zeros((1, 8), np.uint8), 0), "k 0 | must be an integer >= 1"),
+    ("search", (np.zeros((1, 4), np.uint8), 3), r"width 4 bytes \(32 bits\)"),
+    ("search", (np.zeros((1, 8), np.uint8), 3, -1), "max_distance -1"),
+    ("delete", (["a", "a"],), "duplicate ids"),
+]
+
+
+@pytest.mark.parametrize("method, args, msg", BAD_CALLS, ids=[m for _, _, m in BAD_CALLS])
+def test_bad_input_is_refused(make, method, args, msg):
+    g = make()
+    g.upsert(["z"], rand_codes(1))
+    with pytest.raises(BadInput, match=msg):
+        getattr(g, method)(*args)
+    assert g.ids() == ["z"]
+
+
+@milvus
+def test_milvus_topk_cap_and_odd_ids(make, monkeypatch):
+    import serve.gallery.milvus_index as mi
+
+    g = make("milvus")
+    odd = ["O'Brien.jpg", 'say "hi"', "back\\slash", "50%", "ü"]
+    g.upsert(odd, rand_codes(5))
+    assert g.ids() == odd and g.get("O'Brien.jpg")[1] == {}
+    assert g.delete(["back\\slash"]) == 1
+    monkeypatch.setattr(mi, "TOPK_CAP", 5)  # Milvus' real cap is 16384
+    assert len(g.search(rand_codes(1), 6)[0]) == 4  # k above the cap is fine if the gallery is smaller
+    monkeypatch.setattr(mi, "TOPK_CAP", 2)
+    with pytest.raises(BadInput, match="Milvus returns at most 2 hits per query"):
+        g.search(rand_codes(1), 3)
