@@ -21,6 +21,8 @@ from hashret.errors import BadInput
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
 
+_FULL_RESIZE_MAX_ASPECT = 16  # resize_crop resamples the whole image only up to this aspect ratio (see there)
+
 _INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -121,8 +123,9 @@ def decode_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadInput(f"{label} | pixel count exceeds the limit (decompression bomb?): {e}") from None
-    except UnidentifiedImageError as e:
-        raise BadInput(f"{label} | not a decodable image ({type(e).__name__}: {e})") from None
+    except UnidentifiedImageError:
+        head = data[:8].hex()
+        raise BadInput(f"{label} | not a decodable image (unknown format; first bytes {head})") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as e:
         raise BadInput(f"{label} | corrupt or truncated image ({type(e).__name__}: {e})") from None
 
@@ -132,8 +135,16 @@ def resize_crop(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     w, h = img.size
     scale = spec.resize / min(w, h)
     nw, nh = max(spec.crop, round(w * scale)), max(spec.crop, round(h * scale))
-    img = img.resize((nw, nh), _INTERPOLATION.get(spec.interpolation, Image.Resampling.BILINEAR))
+    resample = _INTERPOLATION.get(spec.interpolation, Image.Resampling.BILINEAR)
     left, top = (nw - spec.crop) // 2, (nh - spec.crop) // 2
+    if nw * nh > _FULL_RESIZE_MAX_ASPECT * spec.resize ** 2:
+        # A degenerate aspect ratio (a 60-byte 4000x1 PNG would resize to 1,024,000 x 256 = 786 MB):
+        # resample only the source box that lands in the crop. Normal photos never take this path,
+        # so their pixels stay bit-identical to what galleries were built with.
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + spec.crop) * sx, (top + spec.crop) * sy)
+        return np.asarray(img.resize((spec.crop, spec.crop), resample, box=box), dtype=np.uint8).copy()
+    img = img.resize((nw, nh), resample)
     img = img.crop((left, top, left + spec.crop, top + spec.crop))
     return np.asarray(img, dtype=np.uint8).copy()
 

@@ -1,0 +1,362 @@
+"""The retrieval service's logic, free of gRPC: decode -> batcher -> pack -> gallery search.
+
+`RetrievalService` is what the gRPC servicer (serve.servicer) calls; tests and other
+front-ends can call it directly. Its methods are coroutines because the server runs on
+grpc.aio: every blocking step runs off the event loop — image decoding in a thread pool
+(PIL releases the GIL), inference on the batcher's one worker thread, gallery calls in a
+small pool of their own — so the loop only routes bytes and a slow decode never holds up
+inference of other requests.
+
+All request validation lives here (k range, max_distance range, ids, metadata, sizes), each
+failure a HashretError whose grpc_code the servicer turns into a status.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, AsyncIterable, Sequence
+
+import numpy as np
+
+from hashret import codes as hcodes
+from hashret.errors import BadInput, HashretError
+from hashret.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PreprocessSpec, load_image
+from serve.batcher import Batcher, Expired
+
+if TYPE_CHECKING:  # serve.gallery imports faiss and pymilvus: only when a gallery is opened
+    from serve.gallery import Gallery, Hit
+
+log = logging.getLogger("hashret.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; Info reports them so clients can adapt."""
+
+    max_k: int = 1000
+    max_image_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch_items: int = 64  # images per SearchBatch call
+    max_id_length: int = 512
+    max_metadata_bytes: int = 16384  # keys + values of one item
+    max_write_items: int = 100_000  # items per Upsert stream / Delete call
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise BadInput(f"{flag} {value!r} | must be a positive integer")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class UpsertEntry:
+    """One item of an Upsert stream: exactly one of `image` (encoded file) or `code` (packed)."""
+
+    id: str
+    image: bytes | None = None
+    code: bytes | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _single_omp_thread() -> None:
+    """One OpenMP thread for FAISS searches made from this thread.
+
+    A search here is one query (or a few): microseconds of work. Letting FAISS fan it out to an
+    OpenMP team on cores the engine's threads are busy on made each search wait for descheduled
+    team members (measured: 0.03 ms alone, 25-45 ms next to inference on 2 cores). Throughput
+    comes from concurrent requests instead. The setting is per calling thread (OpenMP ICV).
+    """
+    import sys
+
+    faiss = sys.modules.get("faiss")
+    if faiss is not None:
+        faiss.omp_set_num_threads(1)
+
+
+def _as_int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise BadInput(f"{what} {v!r} | must be an integer")
+    return int(v)
+
+
+class RetrievalService:
+    """One model + one gallery behind a dynamic batcher.
+
+    The caller owns `engine` and `gallery` lifetimes only until this object is built:
+    `aclose()` closes the batcher, the pools, the gallery and the engine.
+    """
+
+    def __init__(
+        self,
+        engine,
+        gallery: Gallery,
+        *,
+        model_id: str,
+        spec: PreprocessSpec,
+        batcher: Batcher,
+        limits: Limits = Limits(),
+        decode_threads: int = 2,
+        info: dict | None = None,
+    ):
+        if gallery.bits != engine.bits:
+            raise BadInput(f"gallery {gallery.path} | {gallery.bits} bits, engine {engine.bits} bits")
+        self.engine = engine
+        self.gallery = gallery
+        self.model_id = model_id
+        self.spec = spec
+        self.batcher = batcher
+        self.limits = limits
+        self.bits = int(engine.bits)
+        self._decode_pool = ThreadPoolExecutor(max(1, int(decode_threads)), thread_name_prefix="hashret-decode")
+        # Gallery calls are short but may block (fsync, Milvus RPC); the gallery has its own lock.
+        self._gallery_pool = ThreadPoolExecutor(2, thread_name_prefix="hashret-gallery", initializer=_single_omp_thread)
+        self._info = info or {}
+        self._closed = False
+
+    # ---- validation --------------------------------------------------------------------
+    def check_k(self, k) -> int:
+        k = _as_int(k, "k")
+        if not 1 <= k <= self.limits.max_k:
+            raise BadInput(f"k {k} | out of range: ask for 1..{self.limits.max_k} results")
+        return k
+
+    def check_max_distance(self, d) -> int | None:
+        if d is None:
+            return None
+        d = _as_int(d, "max_distance")
+        if not 0 <= d <= self.bits:
+            raise BadInput(f"max_distance {d} | out of range: use 0..{self.bits} (codes have {self.bits} bits) or leave it unset")
+        return d
+
+    def check_id(self, i, what: str = "id") -> str:
+        if not isinstance(i, str) or not i:
+            raise BadInput(f"{what} {i!r} | must be a non-empty string")
+        if len(i.encode()) > self.limits.max_id_length:
+            raise BadInput(f"{what} {i[:40]!r}… | longer than {self.limits.max_id_length} bytes: use a shorter id")
+        return i
+
+    def check_ids(self, ids: Sequence[str], op: str) -> list[str]:
+        ids = list(ids)
+        if not ids:
+            raise BadInput(f"{op} | no ids given: pass at least one")
+        if len(ids) > self.limits.max_write_items:
+            raise BadInput(f"{op} | {len(ids)} ids exceeds {self.limits.max_write_items} per call: split the call")
+        seen: set[str] = set()
+        for n, i in enumerate(ids):
+            self.check_id(i, f"{op} id #{n}")
+            if i in seen:
+                raise BadInput(f"{op} id #{n} {i!r} | duplicate in one call: pass each id once")
+            seen.add(i)
+        return ids
+
+    def check_metadata(self, md, what: str) -> dict[str, str]:
+        md = dict(md or {})
+        size = 0
+        for key, value in md.items():
+            if not isinstance(key, str) or not isinstance(value, str) or not key:
+                raise BadInput(f"{what} metadata | keys and values must be strings, keys non-empty")
+            size += len(key.encode()) + len(value.encode())
+        if size > self.limits.max_metadata_bytes:
+            raise BadInput(f"{what} metadata | {size} bytes exceeds {self.limits.max_metadata_bytes}: store less per item")
+        return md
+
+    def check_image(self, image, what: str = "image") -> bytes:
+        if not isinstance(image, (bytes, bytearray, memoryview)):
+            raise BadInput(f"{what} | expected encoded image bytes, got {type(image).__name__}")
+        if len(image) == 0:
+            raise BadInput(f"{what} | empty (0 bytes): send the image file's bytes")
+        if len(image) > self.limits.max_image_bytes:
+            raise BadInput(f"{what} | {len(image)} bytes exceeds the limit of {self.limits.max_image_bytes} bytes: downscale it")
+        return bytes(image)
+
+    # ---- the pipeline ------------------------------------------------------------------
+    def _preprocess(self, image: bytes, name: str) -> np.ndarray:
+        return load_image(
+            image, self.spec, max_bytes=self.limits.max_image_bytes, max_pixels=self.limits.max_pixels, name=name
+        )
+
+    async def embed(self, image: bytes, deadline: float | None = None, name: str = "image") -> np.ndarray:
+        """float32 [bits] model output for one encoded image (decode in the pool, encode batched)."""
+        image = self.check_image(image, name)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise Expired(f"{name} | deadline passed before decoding")
+        loop = asyncio.get_running_loop()
+        with self.batcher.reserve() as ticket:  # Overloaded before spending CPU on decoding
+            arr = await loop.run_in_executor(self._decode_pool, self._preprocess, image, name)
+            fut = ticket.submit(arr, deadline)
+        return await asyncio.wrap_future(fut)
+
+    async def encode(self, image: bytes, deadline: float | None = None) -> bytes:
+        """The packed code (bits/8 bytes) of one image."""
+        row = await self.embed(image, deadline)
+        return hcodes.pack(row[None])[0].tobytes()
+
+    async def _search_code(self, code: np.ndarray, k: int, max_distance: int | None) -> list[Hit]:
+        loop = asyncio.get_running_loop()
+        hits = await loop.run_in_executor(self._gallery_pool, self.gallery.search, code, k, max_distance)
+        return hits[0]
+
+    async def search(self, image: bytes, k, max_distance=None, deadline: float | None = None, name: str = "image") -> list[Hit]:
+        """The k nearest gallery items to one image, at most max_distance bits away."""
+        k = self.check_k(k)
+        max_distance = self.check_max_distance(max_distance)
+        row = await self.embed(image, deadline, name)
+        return await self._search_code(hcodes.pack(row[None]), k, max_distance)
+
+    async def search_batch(self, items: Sequence[tuple], deadline: float | None = None) -> list[list[Hit] | HashretError]:
+        """(image, k, max_distance) items searched concurrently; a bad item yields its error, not a failure."""
+        if len(items) > self.limits.max_batch_items:
+            raise BadInput(
+                f"batch | {len(items)} items exceeds {self.limits.max_batch_items} per call: split it or use Search"
+            )
+
+        async def one(n: int, item: tuple):
+            try:
+                image, k, max_distance = item
+                return await self.search(image, k, max_distance, deadline, name=f"item {n}")
+            except HashretError as e:
+                return e
+
+        return list(await asyncio.gather(*(one(n, it) for n, it in enumerate(items))))
+
+    async def upsert(self, entries: AsyncIterable[UpsertEntry], deadline: float | None = None) -> tuple[int, int]:
+        """Validate and encode every item, then write them all at once (all-or-nothing).
+
+        Images are encoded as they stream in (at most `max_batch` in flight, so one big
+        upload cannot starve searches of queue slots); only the codes are kept.
+        Returns (items written, gallery size).
+        """
+        nbytes = self.bits // 8
+        ids: list[str] = []
+        metas: list[dict] = []
+        slots: list[np.ndarray | asyncio.Task | None] = []
+        seen: set[str] = set()
+        sem = asyncio.Semaphore(self.batcher.max_batch)
+        failed: list[asyncio.Future] = []  # finished encode tasks that raised: stop reading early
+
+        def note(t: asyncio.Future) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                failed.append(t)
+
+        async def encode_one(image: bytes, what: str) -> np.ndarray:
+            try:
+                row = await self.embed(image, deadline, what)
+                return hcodes.pack(row[None])[0]
+            finally:
+                sem.release()
+
+        try:
+            n = 0
+            async for e in entries:
+                what = f"upsert item #{n} (id {e.id!r})"
+                if n >= self.limits.max_write_items:
+                    raise BadInput(f"upsert | more than {self.limits.max_write_items} items: split the stream")
+                self.check_id(e.id, f"upsert item #{n} id")
+                if e.id in seen:
+                    raise BadInput(f"{what} | duplicate id in one call: send each id once")
+                seen.add(e.id)
+                md = self.check_metadata(e.metadata, what)
+                if (e.image is None) == (e.code is None):
+                    raise BadInput(f"{what} | give exactly one of image or code")
+                if e.code is not None:
+                    if len(e.code) != nbytes:
+                        raise BadInput(
+                            f"{what} | code has {len(e.code)} bytes, this model's codes have {nbytes} "
+                            f"({self.bits} bits, numpy.packbits order)"
+                        )
+                    slots.append(np.frombuffer(bytes(e.code), dtype=np.uint8))
+                else:
+                    image = self.check_image(e.image, what)
+                    await sem.acquire()
+                    task = asyncio.ensure_future(encode_one(image, what))
+                    task.add_done_callback(note)
+                    slots.append(task)
+                if failed:
+                    await failed[0]
+                ids.append(e.id)
+                metas.append(md)
+                n += 1
+            if not ids:
+                raise BadInput("upsert | the stream had no items: send at least one")
+            rows = []
+            for s in slots:
+                rows.append(await s if isinstance(s, asyncio.Future) else s)
+        finally:
+            for s in slots:
+                if isinstance(s, asyncio.Future) and not s.done():
+                    s.cancel()
+        codes = np.ascontiguousarray(np.stack(rows))
+        loop = asyncio.get_running_loop()
+
+        def write() -> int:
+            self.gallery.upsert(ids, codes, metas)
+            return self.gallery.size
+
+        size = await loop.run_in_executor(self._gallery_pool, write)
+        log.info("upserted %d items", len(ids), extra={"fields": {"count": len(ids), "gallery_size": size}})
+        return len(ids), size
+
+    async def delete(self, ids: Sequence[str]) -> tuple[int, int]:
+        """Remove ids (NotFound and nothing removed when any is unknown); (removed, gallery size)."""
+        ids = self.check_ids(ids, "delete")
+        loop = asyncio.get_running_loop()
+
+        def remove() -> tuple[int, int]:
+            n = self.gallery.delete(ids)
+            return n, self.gallery.size
+
+        n, size = await loop.run_in_executor(self._gallery_pool, remove)
+        log.info("deleted %d items", n, extra={"fields": {"count": n, "gallery_size": size}})
+        return n, size
+
+    async def gallery_size(self) -> int:
+        return await asyncio.get_running_loop().run_in_executor(self._gallery_pool, lambda: self.gallery.size)
+
+    def info(self) -> dict:
+        """Static facts about the model, backend and limits, plus the gallery's identity."""
+        g = self.gallery
+        return {
+            **self._info,
+            "model_id": self.model_id,
+            "gallery": {"id": g.path.name, "kind": g.kind, "model_id": g.model_sha256, "path": str(g.path)},
+            "limits": {
+                **self.limits.to_dict(),
+                "max_batch": self.batcher.max_batch,
+                "max_delay_us": int(round(self.batcher.max_delay_s * 1e6)),
+                "queue_size": self.batcher.queue_size,
+            },
+        }
+
+    # ---- lifetime ----------------------------------------------------------------------
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish queued inference, then release pools, gallery and engine (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.batcher.close(timeout)
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        self._gallery_pool.shutdown(wait=True)
+        try:
+            self.gallery.close()
+        finally:
+            self.engine.close()
+
+
+def exp_summary(manifest: dict) -> dict:
+    """The Info 'model' section from an EXP manifest (tolerant of missing optional fields)."""
+    method = manifest.get("method") or {}
+    dataset = manifest.get("dataset") or {}
+    backbone = manifest.get("backbone") or {}
+    return {
+        "backbone": str(backbone.get("name", "")) if isinstance(backbone, dict) else str(backbone),
+        "bits": int(manifest.get("bits", 0)),
+        "preprocessing": dict(manifest.get("preprocessing") or {}),
+        "method": str(method.get("name", "")) if isinstance(method, dict) else str(method),
+        "dataset": str(dataset.get("format", dataset.get("name", ""))) if isinstance(dataset, dict) else str(dataset),
+    }

@@ -1,0 +1,165 @@
+"""The gRPC face of RetrievalService: protobuf <-> Python, HashretError -> status code. Nothing else.
+
+Why grpc.aio rather than the thread-pool server: a search spends most of its time waiting
+(for the decode pool, then for its batch). With the sync server every waiting request pins a
+handler thread, so concurrency is capped by the pool size and a burst queues invisibly inside
+gRPC, beyond the batcher's admission control and deadline checks. On asyncio a waiting
+request is just a suspended coroutine: thousands can wait cheaply, all admission happens in
+the batcher (RESOURCE_EXHAUSTED when full), and a client's cancellation or deadline cancels
+the coroutine, which cancels its queued inference.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Callable
+
+import grpc
+
+from hashret.errors import HashretError
+from serve._proto import retrieval_pb2 as pb
+from serve._proto import retrieval_pb2_grpc as pb_grpc
+from serve.service import RetrievalService, UpsertEntry
+
+if TYPE_CHECKING:
+    from serve.gallery import Hit
+
+log = logging.getLogger("hashret.serve.rpc")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name  # "hashret.v1.Retrieval"
+
+
+def status_code(e: HashretError) -> grpc.StatusCode:
+    """HashretError.grpc_code ("INVALID_ARGUMENT", ...) as a grpc.StatusCode (INTERNAL if unknown)."""
+    return getattr(grpc.StatusCode, str(getattr(e, "grpc_code", "INTERNAL")), grpc.StatusCode.INTERNAL)
+
+
+def _deadline(context) -> float | None:
+    """The client's deadline on our monotonic clock (None when the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _hit(h: Hit) -> pb.Hit:
+    return pb.Hit(id=h.id, distance=int(h.distance), metadata=h.metadata)
+
+
+class RetrievalServicer(pb_grpc.RetrievalServicer):
+    """Thin adapter; `observe(method, code_name, seconds)` receives every call's outcome (metrics, logs)."""
+
+    def __init__(self, service: RetrievalService, observe: Callable[[str, str, float], None] | None = None):
+        self.service = service
+        self._observe = observe
+        self.in_flight = 0
+
+    async def _call(self, method: str, context, work):
+        """Run `work()`, turning errors into statuses; report the outcome."""
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        self.in_flight += 1
+        try:
+            return await work()
+        except HashretError as e:
+            code = status_code(e)
+            await context.abort(code, str(e))
+        except asyncio.CancelledError:  # the client cancelled or its deadline passed
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            await context.abort(code, f"{method} | internal error: see the server log")
+        finally:
+            self.in_flight -= 1
+            if self._observe is not None:
+                self._observe(method, code.name, time.perf_counter() - t0)
+
+    async def Search(self, request, context):
+        async def work():
+            md = request.max_distance if request.HasField("max_distance") else None
+            hits = await self.service.search(request.image, request.k, md, _deadline(context))
+            return pb.SearchResponse(hits=[_hit(h) for h in hits], model_id=self.service.model_id)
+
+        return await self._call("Search", context, work)
+
+    async def SearchBatch(self, request, context):
+        async def work():
+            items = [
+                (it.image, it.k, it.max_distance if it.HasField("max_distance") else None) for it in request.items
+            ]
+            out = []
+            for r in await self.service.search_batch(items, _deadline(context)):
+                if isinstance(r, HashretError):
+                    c = status_code(r)
+                    out.append(pb.SearchResult(error=pb.ItemError(code=c.value[0], status=c.name, message=str(r))))
+                else:
+                    out.append(pb.SearchResult(hits=pb.HitList(hits=[_hit(h) for h in r])))
+            return pb.SearchBatchResponse(results=out, model_id=self.service.model_id)
+
+        return await self._call("SearchBatch", context, work)
+
+    async def Encode(self, request, context):
+        async def work():
+            code = await self.service.encode(request.image, _deadline(context))
+            return pb.EncodeResponse(code=code, bits=self.service.bits, model_id=self.service.model_id)
+
+        return await self._call("Encode", context, work)
+
+    async def Upsert(self, request_iterator, context):
+        async def entries():
+            async for it in request_iterator:
+                which = it.WhichOneof("content")
+                yield UpsertEntry(
+                    id=it.id,
+                    image=it.image if which == "image" else None,
+                    code=it.code if which == "code" else None,
+                    metadata=dict(it.metadata),
+                )
+
+        async def work():
+            n, size = await self.service.upsert(entries(), _deadline(context))
+            return pb.UpsertResponse(count=n, gallery_size=size)
+
+        return await self._call("Upsert", context, work)
+
+    async def Delete(self, request, context):
+        async def work():
+            n, size = await self.service.delete(list(request.ids))
+            return pb.DeleteResponse(count=n, gallery_size=size)
+
+        return await self._call("Delete", context, work)
+
+    async def Info(self, request, context):
+        async def work():
+            i = self.service.info()
+            m, g, lim = i.get("model", {}), i["gallery"], i["limits"]
+            pre = m.get("preprocessing", {})
+            return pb.InfoResponse(
+                model_id=i["model_id"],
+                model=pb.ModelSummary(
+                    backbone=m.get("backbone", ""),
+                    bits=int(m.get("bits", self.service.bits)),
+                    preprocessing=pb.Preprocessing(
+                        resize=int(pre.get("resize", 0)),
+                        crop=int(pre.get("crop", 0)),
+                        mean=list(pre.get("mean", [])),
+                        std=list(pre.get("std", [])),
+                        interpolation=str(pre.get("interpolation", "")),
+                    ),
+                    method=m.get("method", ""),
+                    dataset=m.get("dataset", ""),
+                ),
+                backend=i.get("backend", ""),
+                gallery=pb.GalleryInfo(
+                    id=g["id"], kind=g["kind"], size=await self.service.gallery_size(), model_id=g["model_id"]
+                ),
+                versions={k: str(v) for k, v in (i.get("versions") or {}).items() if v is not None},
+                limits=pb.Limits(**{k: int(lim[k]) for k in pb.Limits.DESCRIPTOR.fields_by_name if k in lim}),
+            )
+
+        return await self._call("Info", context, work)
