@@ -1,0 +1,610 @@
+"""Soak test of the retrieval service: sustained mixed load, errors by code, p99 and RSS over time.
+
+    python -m benchmarks.soak --addr 127.0.0.1:50051 --token-file token.txt --seconds 600
+    python -m benchmarks.soak --model runs/exp --gallery galleries/grocery --seconds 600 --out soak.json
+
+`--concurrency` asyncio workers (grpc.aio, spread over a few channels) send requests back to
+back for `--seconds`, each picking Search, SearchBatch or Upsert by the weights in `--mix`.
+Reported: requests, errors by gRPC status code (overall and per RPC), latency percentiles per
+`--window` seconds (is p99 drifting?), and the server's resident memory over time (is it
+leaking?) when the script started the server itself (--model/--gallery) or was given --pid.
+
+Only loopback targets are accepted (127.0.0.0/8, ::1, localhost): a soak is a load test on your
+own machine, never traffic against someone else's server.
+
+With --model/--gallery the gallery is copied to a temporary folder first (the soak's Upserts
+must not grow your gallery; --in-place writes into it), and `hashret serve` is started on a
+free 127.0.0.1 port with a generated bearer token, so Upserts are authorized.
+
+Exit code: 0, or 1 when a call failed with a status code outside `--allow` (default:
+RESOURCE_EXHAUSTED, the server's documented back-pressure answer), or when the server's RSS
+grew by more than `--max-rss-growth-mb`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import ipaddress
+import json
+import os
+import random
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MIX = "search=0.7,batch=0.2,upsert=0.1"
+RPCS = {"search": "Search", "batch": "SearchBatch", "upsert": "Upsert"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+class SoakError(Exception):
+    """A usage error (exit code 2)."""
+
+
+# ---------------------------------------------------------------------------- helpers
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost' (never resolved: no DNS traffic)."""
+    h = host.strip().strip("[]")
+    if h.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """'127.0.0.1:50051' / '[::1]:50051' / 'localhost:50051' -> (host, port)."""
+    addr = addr.strip()
+    if addr.startswith("["):
+        host, _, rest = addr[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SoakError(f"--addr {addr!r} | expected HOST:PORT, e.g. 127.0.0.1:50051")
+    return host, int(port)
+
+
+def check_loopback(addr: str) -> str:
+    host, _ = split_addr(addr)
+    if not is_loopback_host(host):
+        raise SoakError(f"--addr {addr} | not a loopback address: the soak only drives servers on this machine "
+                        "(127.0.0.1, ::1 or localhost)")
+    return addr
+
+
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """VmRSS of a process from /proc (None when it is gone or unreadable)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """'search=0.7,batch=0.2,upsert=0.1' -> normalized weights."""
+    out: dict[str, float] = {}
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, w = part.partition("=")
+        name = name.strip().lower()
+        if name not in RPCS:
+            raise SoakError(f"--mix {text!r} | unknown kind {name!r}: use {', '.join(RPCS)}")
+        try:
+            out[name] = float(w)
+        except ValueError:
+            raise SoakError(f"--mix {text!r} | weight {w!r} of {name} is not a number") from None
+        if out[name] < 0:
+            raise SoakError(f"--mix {text!r} | weight of {name} is negative")
+    total = sum(out.values())
+    if total <= 0:
+        raise SoakError(f"--mix {text!r} | give at least one positive weight, e.g. {DEFAULT_MIX}")
+    return {k: v / total for k, v in out.items() if v > 0}
+
+
+def synthetic_images(n: int = 8, size: tuple[int, int] = (320, 240), seed: int = 0) -> list[bytes]:
+    """n JPEG files of smooth colour gradients + noise (distinct codes, realistic decode cost)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = []
+    for _ in range(n):
+        c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        t = ((xx / w + yy / h) / 2)[..., None]
+        img = c0 * (1 - t) + c1 * t + rng.normal(0, 12, (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def load_images(spec: Sequence[str] | None, limit: int = 64) -> list[bytes]:
+    if not spec:
+        return synthetic_images()
+    paths: list[Path] = []
+    for s in spec:
+        p = Path(s)
+        if p.is_dir():
+            paths += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise SoakError(f"--images {p} | not found")
+    if not paths:
+        raise SoakError(f"--images {' '.join(spec)} | no image files there")
+    paths = paths[:: max(1, len(paths) // limit)][:limit]
+    return [p.read_bytes() for p in paths]
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    i = min(len(v) - 1, max(0, int(round(q / 100 * (len(v) - 1)))))
+    return round(v[i], 3)
+
+
+# ---------------------------------------------------------------------------- server process
+class ServerProcess:
+    """`python -m hashret serve` as a child process on 127.0.0.1:<free port>.
+
+    The child's stdout+stderr go to a log file (`log_text()`); `stop()` sends SIGTERM (graceful),
+    `kill()` SIGKILL (a crash). Used by the soak and by the reliability tests.
+    """
+
+    def __init__(self, model, gallery, extra: Sequence[str] = (), token: str | None = None,
+                 port: int | None = None, env: dict | None = None, log_dir: str | os.PathLike | None = None):
+        self.port = port or free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.token = token
+        self.argv = [sys.executable, "-m", "hashret", "serve", "--model", str(model), "--gallery", str(gallery),
+                     "--host", "127.0.0.1", "--port", str(self.port), *map(str, extra)]
+        fd, self.log_path = tempfile.mkstemp(prefix="hashret-serve-", suffix=".log", dir=log_dir)
+        os.close(fd)
+        self.env = {**os.environ, **(env or {})}
+        pp = self.env.get("PYTHONPATH", "")
+        self.env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{pp}" if pp else str(ROOT)
+        if token is not None:
+            self.env["HASHRET_TOKEN"] = token
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def spawn(self) -> "ServerProcess":
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         cwd=str(ROOT), stdin=subprocess.DEVNULL)
+        finally:
+            log.close()
+        return self
+
+    def wait_serving(self, timeout: float = 120.0) -> "ServerProcess":
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        until = time.monotonic() + timeout
+        with grpc.insecure_channel(self.addr) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < until:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"hashret serve exited with {self.proc.returncode} before serving:\n"
+                                       f"{self.log_text()[-4000:]}")
+                try:
+                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return self
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"hashret serve did not report SERVING within {timeout:.0f} s:\n{self.log_text()[-4000:]}")
+
+    def start(self, timeout: float = 120.0) -> "ServerProcess":
+        return self.spawn().wait_serving(timeout)
+
+    def wait_exit(self, timeout: float = 120.0) -> int:
+        """For a server expected to refuse to start: its exit code."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def rss(self) -> int | None:
+        return rss_bytes(self.proc.pid) if self.alive() else None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def cleanup(self) -> None:
+        self.kill()
+        try:
+            os.unlink(self.log_path)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------- load
+class _Recorder:
+    """Every call's (end time, latency, rpc, code), plus RSS samples."""
+
+    def __init__(self):
+        self.calls: list[tuple[float, float, str, str]] = []
+        self.item_errors: dict[str, int] = {}
+        self.rss: list[tuple[float, int]] = []
+
+
+async def _drive(addr: str, *, seconds: float, concurrency: int, mix: dict[str, float], images: list[bytes],
+                 token: str | None, k: int, batch_items: int, timeout: float, channels: int, seed: int,
+                 pid: int | None, rss_every: float, rec: _Recorder, t0_box: list) -> None:
+    import grpc
+
+    from serve._proto import retrieval_pb2 as pb
+    from serve._proto import retrieval_pb2_grpc as pb_grpc
+
+    opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.use_local_subchannel_pool", 1)]
+    n_ch = max(1, min(channels, concurrency))
+    chans = [grpc.aio.insecure_channel(addr, options=opts + [("grpc.channel_id", i)]) for i in range(n_ch)]
+    stubs = [pb_grpc.RetrievalStub(c) for c in chans]
+    md = (("authorization", f"Bearer {token}"),) if token else ()
+    kinds, weights = list(mix), [mix[x] for x in mix]
+    run_id = secrets.token_hex(4)
+    counter = [0]
+
+    async def one(stub, kind: str, rng: random.Random):
+        img = images[rng.randrange(len(images))]
+        if kind == "search":
+            return await stub.Search(pb.SearchRequest(image=img, k=k), timeout=timeout, metadata=md)
+        if kind == "batch":
+            items = [pb.SearchRequest(image=images[rng.randrange(len(images))], k=k) for _ in range(batch_items)]
+            resp = await stub.SearchBatch(pb.SearchBatchRequest(items=items), timeout=timeout, metadata=md)
+            for r in resp.results:
+                if r.WhichOneof("result") == "error":
+                    rec.item_errors[r.error.status] = rec.item_errors.get(r.error.status, 0) + 1
+            return resp
+        counter[0] += 1
+        item = pb.UpsertItem(id=f"soak/{run_id}/{counter[0]}", image=img, metadata={"source": "soak"})
+        return await stub.Upsert(iter([item]), timeout=timeout, metadata=md)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in chans)), 30)
+        t0 = time.monotonic()
+        t0_box.append(t0)
+        end = t0 + seconds
+
+        async def worker(w: int):
+            rng = random.Random(seed * 100003 + w)
+            stub = stubs[w % n_ch]
+            while time.monotonic() < end:
+                kind = rng.choices(kinds, weights)[0]
+                t = time.monotonic()
+                try:
+                    await one(stub, kind, rng)
+                    code = "OK"
+                except grpc.aio.AioRpcError as e:
+                    code = e.code().name
+                now = time.monotonic()
+                rec.calls.append((now - t0, (now - t) * 1e3, RPCS[kind], code))
+                if code == "UNAVAILABLE":
+                    await asyncio.sleep(0.05)  # a dead server: do not spin
+
+        async def sampler():
+            while True:
+                r = rss_bytes(pid) if pid else None
+                if r is not None:
+                    rec.rss.append((time.monotonic() - t0, r))
+                await asyncio.sleep(rss_every)
+
+        samp = asyncio.ensure_future(sampler()) if pid else None
+        try:
+            await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        finally:
+            if samp is not None:
+                samp.cancel()
+                try:
+                    await samp
+                except asyncio.CancelledError:
+                    pass
+        if pid:
+            r = rss_bytes(pid)
+            if r is not None:
+                rec.rss.append((time.monotonic() - t0, r))
+    finally:
+        await asyncio.gather(*(c.close() for c in chans), return_exceptions=True)
+
+
+def summarize(rec: _Recorder, seconds: float, window: float, rss_before: int | None) -> dict[str, Any]:
+    calls = rec.calls
+    errors: dict[str, int] = {}
+    by_rpc: dict[str, dict[str, int]] = {}
+    lat_by_code: dict[str, list[float]] = {}
+    for _, ms, rpc, code in calls:
+        if code != "OK":
+            errors[code] = errors.get(code, 0) + 1
+        by_rpc.setdefault(rpc, {}).setdefault(code, 0)
+        by_rpc[rpc][code] += 1
+        lat_by_code.setdefault(code, []).append(ms)
+    ok_lat = lat_by_code.get("OK", [])
+    n_win = max(1, int(-(-seconds // window)))
+    windows = []
+    for w in range(n_win):
+        lo, hi = w * window, min(seconds, (w + 1) * window)
+        sel = [c for c in calls if lo <= c[0] < hi or (w == n_win - 1 and c[0] >= hi)]
+        ok = [c[1] for c in sel if c[3] == "OK"]
+        errs: dict[str, int] = {}
+        for c in sel:
+            if c[3] != "OK":
+                errs[c[3]] = errs.get(c[3], 0) + 1
+        rss = [r for t, r in rec.rss if lo <= t < hi + (1e9 if w == n_win - 1 else 0)]
+        windows.append({
+            "t0_s": round(lo, 1), "t1_s": round(hi, 1), "requests": len(sel), "ok": len(ok), "errors": errs,
+            "req_per_s": round(len(sel) / max(hi - lo, 1e-9), 1),
+            "p50_ms": percentile(ok, 50), "p99_ms": percentile(ok, 99),
+            "rss_mb": round(max(rss) / 2**20, 1) if rss else None,
+        })
+    rss_vals = [r for _, r in rec.rss]
+    rss: dict[str, Any] = {}
+    if rss_vals:
+        start = rss_before if rss_before is not None else rss_vals[0]
+        rss = {"start_mb": round(start / 2**20, 1), "end_mb": round(rss_vals[-1] / 2**20, 1),
+               "peak_mb": round(max(rss_vals) / 2**20, 1),
+               "growth_mb": round((rss_vals[-1] - start) / 2**20, 1),
+               "samples": [[round(t, 1), round(r / 2**20, 1)] for t, r in rec.rss]}
+    return {
+        "requests": len(calls),
+        "ok": len(ok_lat),
+        "errors": dict(sorted(errors.items())),
+        "by_rpc": {k: dict(sorted(v.items())) for k, v in sorted(by_rpc.items())},
+        "item_errors": dict(sorted(rec.item_errors.items())),
+        "latency_ms": {"p50": percentile(ok_lat, 50), "p90": percentile(ok_lat, 90),
+                       "p99": percentile(ok_lat, 99), "max": round(max(ok_lat), 3) if ok_lat else None},
+        "latency_ms_by_code": {c: {"n": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99),
+                                   "max": round(max(v), 3)} for c, v in sorted(lat_by_code.items())},
+        "req_per_s": round(len(calls) / seconds, 1) if seconds > 0 else None,
+        "windows": windows,
+        "rss": rss,
+    }
+
+
+def run_soak(addr: str, *, seconds: float = 600.0, concurrency: int = 64, mix: dict[str, float] | str = DEFAULT_MIX,
+             images: list[bytes] | None = None, token: str | None = None, k: int = 10, batch_items: int = 4,
+             timeout: float = 30.0, channels: int = 8, window: float = 10.0, pid: int | None = None,
+             rss_every: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    """Drive the server at `addr` (loopback only) and return the summary dict (see `summarize`)."""
+    check_loopback(addr)
+    if isinstance(mix, str):
+        mix = parse_mix(mix)
+    if seconds <= 0 or concurrency < 1 or window <= 0 or timeout <= 0:
+        raise SoakError("--seconds/--concurrency/--window/--timeout | must be positive")
+    images = images or synthetic_images()
+    rec = _Recorder()
+    rss_before = rss_bytes(pid) if pid else None
+    t0_box: list = []
+    asyncio.run(_drive(addr, seconds=seconds, concurrency=concurrency, mix=mix, images=images, token=token, k=k,
+                       batch_items=batch_items, timeout=timeout, channels=channels, seed=seed, pid=pid,
+                       rss_every=rss_every, rec=rec, t0_box=t0_box))
+    out = summarize(rec, seconds, window, rss_before)
+    out["config"] = {"addr": addr, "seconds": seconds, "concurrency": concurrency, "mix": mix, "k": k,
+                     "batch_items": batch_items, "timeout_s": timeout, "channels": channels, "window_s": window,
+                     "pid": pid, "images": len(images), "seed": seed}
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+def table(rows: list[list[Any]], head: list[str]) -> str:
+    cells = [head] + [["-" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def report(doc: dict[str, Any]) -> str:
+    rows = [[f"{w['t0_s']:g}-{w['t1_s']:g}", w["requests"], w["req_per_s"], w["ok"],
+             ", ".join(f"{k}={v}" for k, v in w["errors"].items()) or "none", w["p50_ms"], w["p99_ms"], w["rss_mb"]]
+            for w in doc["windows"]]
+    out = [table(rows, ["window s", "requests", "req/s", "ok", "errors", "p50 ms", "p99 ms", "rss MB"]), ""]
+    errs = ", ".join(f"{k}={v}" for k, v in doc["errors"].items()) or "none"
+    lat = doc["latency_ms"]
+    out.append(f"total: {doc['requests']} requests ({doc['req_per_s']}/s), ok {doc['ok']}, errors: {errs}")
+    out.append(f"latency of successful calls: p50 {lat['p50']} ms, p99 {lat['p99']} ms, max {lat['max']} ms")
+    for rpc, codes in doc["by_rpc"].items():
+        out.append(f"  {rpc}: " + ", ".join(f"{k}={v}" for k, v in codes.items()))
+    if doc["rss"]:
+        r = doc["rss"]
+        out.append(f"server RSS: start {r['start_mb']} MB, end {r['end_mb']} MB, peak {r['peak_mb']} MB, "
+                   f"growth {r['growth_mb']} MB")
+    else:
+        out.append("server RSS: not measured (pass --pid, or let the soak start the server with --model/--gallery)")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.soak", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0] + "\n\nexamples:\n"
+        "  python -m benchmarks.soak --addr 127.0.0.1:50051 --token-file token.txt --pid 12345\n"
+        "  python -m benchmarks.soak --model runs/exp --gallery galleries/grocery --seconds 600 --out soak.json",
+    )
+    g = p.add_argument_group("target (one of)")
+    g.add_argument("--addr", metavar="HOST:PORT", help="a running server on this machine (loopback only)")
+    g.add_argument("--model", metavar="EXP", help="with --gallery: start `hashret serve` on 127.0.0.1 for the soak")
+    g.add_argument("--gallery", metavar="GAL", help="gallery for the started server (copied first, see --in-place)")
+    g.add_argument("--server-args", default="", metavar="'ARGS'",
+                   help="extra flags for the started server, given with '=': --server-args='--queue-size 2 "
+                        "--max-batch 8' (default: none)")
+    g.add_argument("--in-place", action="store_true", help="let Upserts write into --gallery itself (default: a copy)")
+    g.add_argument("--pid", type=int, default=None, help="with --addr: the server's process id, to sample its RSS")
+    g = p.add_argument_group("load")
+    g.add_argument("--seconds", type=float, default=600.0, help="how long to drive the server (default: 600)")
+    g.add_argument("--concurrency", type=int, default=64, help="requests in flight at once (default: 64)")
+    g.add_argument("--mix", default=DEFAULT_MIX, help=f"weights of the RPC kinds (default: {DEFAULT_MIX})")
+    g.add_argument("--channels", type=int, default=8, help="gRPC channels the workers share (default: 8)")
+    g.add_argument("-k", "--k", type=int, default=10, help="neighbours per search (default: 10)")
+    g.add_argument("--batch-items", type=int, default=4, help="images per SearchBatch call (default: 4)")
+    g.add_argument("--timeout", type=float, default=30.0, help="deadline per call in seconds (default: 30)")
+    g.add_argument("--images", nargs="+", metavar="DIR-or-FILE", help="query images (default: 8 synthetic JPEGs)")
+    g.add_argument("--token", default=None, help="bearer token for Upsert (default: $HASHRET_TOKEN)")
+    g.add_argument("--token-file", default=None, help="file holding the bearer token (default: none)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the request mix (default: 0)")
+    g = p.add_argument_group("report")
+    g.add_argument("--window", type=float, default=10.0, help="seconds per row of the over-time table (default: 10)")
+    g.add_argument("--allow", default="RESOURCE_EXHAUSTED",
+                   help="status codes that do not fail the run, comma-separated (default: RESOURCE_EXHAUSTED)")
+    g.add_argument("--max-rss-growth-mb", type=float, default=None,
+                   help="fail (exit 1) when the server's RSS grew by more than this (default: no check)")
+    g.add_argument("--out", default=None, metavar="JSON", help="write the full result as JSON here (default: none)")
+    return p
+
+
+def _token(args) -> str | None:
+    if args.token_file:
+        p = Path(args.token_file)
+        if not p.is_file():
+            raise SoakError(f"--token-file {p} | not found")
+        return p.read_text().strip() or None
+    return args.token or os.environ.get("HASHRET_TOKEN") or None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except SoakError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
+    if bool(args.addr) == bool(args.model or args.gallery):
+        raise SoakError("target | pass either --addr HOST:PORT or --model EXP --gallery GAL")
+    if args.model and not args.gallery or args.gallery and not args.model:
+        raise SoakError("--model/--gallery | both are needed to start a server")
+    if args.addr:
+        check_loopback(args.addr)
+    mix = parse_mix(args.mix)
+    images = load_images(args.images)
+    token = _token(args)
+    server = None
+    workdir = None
+    pid = args.pid
+    addr = args.addr
+    try:
+        if args.model:
+            for pth, flag in ((args.model, "--model"), (args.gallery, "--gallery")):
+                if not Path(pth).exists():
+                    raise SoakError(f"{flag} {pth} | not found")
+            gal = Path(args.gallery)
+            if not args.in_place:
+                workdir = tempfile.mkdtemp(prefix="hashret-soak-")
+                gal = Path(workdir) / gal.name
+                shutil.copytree(args.gallery, gal, ignore=shutil.ignore_patterns(".lock"))
+            token = token or secrets.token_hex(16)
+            server = ServerProcess(args.model, gal, shlex.split(args.server_args), token=token)
+            t = time.monotonic()
+            server.start()
+            print(f"started hashret serve on {server.addr} (pid {server.pid}) in {time.monotonic() - t:.1f} s",
+                  flush=True)
+            addr, pid = server.addr, server.pid
+        elif "upsert" in mix and not token:
+            raise SoakError("--mix includes upsert | pass --token or --token-file (or set HASHRET_TOKEN): "
+                            "the server refuses writes without it")
+        print(f"soak: {args.seconds:g} s, concurrency {args.concurrency}, mix "
+              + ", ".join(f"{k}={v:.2f}" for k, v in mix.items()) + f", target {addr}", flush=True)
+        doc = run_soak(addr, seconds=args.seconds, concurrency=args.concurrency, mix=mix, images=images,
+                       token=token, k=args.k, batch_items=args.batch_items, timeout=args.timeout,
+                       channels=args.channels, window=args.window, pid=pid, seed=args.seed)
+        if server is not None:
+            doc["server"] = {"argv": ["hashret", *server.argv[3:]], "alive_at_end": server.alive()}
+    finally:
+        if server is not None:
+            server.stop()
+            if server.proc is not None and server.proc.returncode not in (0, None):
+                print(f"server exit code {server.proc.returncode}; log tail:\n{server.log_text()[-2000:]}",
+                      file=sys.stderr)
+            server.cleanup()
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    allowed = {c.strip().upper() for c in args.allow.split(",") if c.strip()}
+    bad = {c: n for c, n in doc["errors"].items() if c not in allowed}
+    growth = (doc["rss"] or {}).get("growth_mb")
+    doc["verdict"] = {"unexpected_errors": bad, "allowed": sorted(allowed),
+                      "rss_growth_mb": growth, "max_rss_growth_mb": args.max_rss_growth_mb}
+    print()
+    print(report(doc))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    rc = 0
+    if bad:
+        print(f"FAIL: status codes outside --allow: {bad}", file=sys.stderr)
+        rc = 1
+    if args.max_rss_growth_mb is not None and growth is not None and growth > args.max_rss_growth_mb:
+        print(f"FAIL: server RSS grew {growth} MB > --max-rss-growth-mb {args.max_rss_growth_mb}", file=sys.stderr)
+        rc = 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
