@@ -1,0 +1,90 @@
+"""`hashret bench {engine,serve,search,parity,gpu-search,report}`: the benchmark suite's entry point.
+
+Every benchmark prints a table and writes one JSON (default benchmarks/results/<name>.json)
+recording the exact command line, the date, the machine (CPU model, cores, threads used, GPU)
+and package versions; `hashret bench report` turns those files into benchmarks/RESULTS.md with
+plots. Timings are figures, never pass/fail checks.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> (module with add_args(parser) and run(args) -> int, one-line help, examples)
+BENCHMARKS: dict[str, tuple[str, str, str]] = {
+    "engine": (
+        "benchmarks.engine",
+        "inference latency/throughput of an exported model on every backend x batch size",
+        "examples:\n  hashret bench engine exp/ --batches 1,8,32 --iters 50\n"
+        "  hashret bench engine exp/ --backends ort,openvino --threads 2",
+    ),
+    "serve": (
+        "benchmarks.serve_load",
+        "gRPC load test of the retrieval service: latency percentiles and requests/s per concurrency",
+        "examples:\n  hashret bench serve --model exp/ --gallery gal/ --concurrency 1,4,16 --seconds 10\n"
+        "  hashret bench serve --addr 127.0.0.1:50051 --images photos/",
+    ),
+    "search": (
+        "benchmarks.search",
+        "Hamming k-NN search: numpy vs FAISS flat vs FAISS HNSW vs Milvus Lite (latency, recall, memory)",
+        "examples:\n  hashret bench search                       # 100k and 1M 64-bit codes, 1 thread; the HNSW\n"
+        "                                             # build of 1M dominates (~3 min on 2 busy cores)\n"
+        "  hashret bench search --sizes 10000000 --kinds numpy,faiss-flat   # opt-in 10M\n"
+        "  hashret bench search --sizes 2000 --kinds faiss-flat,faiss-hnsw --out /tmp/s.json",
+    ),
+    "parity": (
+        "benchmarks.parity_bench",
+        "export parity table (mAP and code agreement) across every backend and code length",
+        "examples:\n  hashret bench parity --runs runs/r16,runs/r64\n"
+        "  hashret bench parity --bits 16,32,64      # trains each on the cached features first",
+    ),
+    "gpu-search": (
+        "benchmarks.gpu_search",
+        "brute-force Hamming search on a GPU (CuPy / torch popcount) over millions of codes",
+        "examples:\n  hashret bench gpu-search --sizes 10000000          # on a CUDA machine\n"
+        "  hashret bench gpu-search --device cpu --sizes 20000 --methods torch-lut",
+    ),
+    "report": (
+        "benchmarks.report",
+        "regenerate benchmarks/RESULTS.md and its plots from benchmarks/results/*.json",
+        "example:\n  hashret bench report --results benchmarks/results --out benchmarks/RESULTS.md",
+    ),
+}
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "Run `hashret bench NAME --help` for a benchmark's options."
+    sub = parser.add_subparsers(dest="bench", metavar="NAME")
+    for name, (module, help_text, examples) in BENCHMARKS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=examples,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        importlib.import_module(module).add_args(p)
+        p.set_defaults(_bench_module=module)
+    parser.set_defaults(_bench_parser=parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    module = getattr(args, "_bench_module", None)
+    if not module:
+        args._bench_parser.print_help()
+        return 2
+    return int(importlib.import_module(module).run(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.cli NAME ...` (the same as `hashret bench NAME ...`)."""
+    p = argparse.ArgumentParser(prog="hashret bench", description=__doc__.splitlines()[0])
+    add_args(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    import sys
+
+    from hashret.errors import HashretError
+
+    try:
+        sys.exit(main())
+    except HashretError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

@@ -1,0 +1,399 @@
+"""`hashret bench serve`: a gRPC load generator for the retrieval service (like perf_analyzer).
+
+For each concurrency level C, C asyncio workers (grpc.aio) spread over up to --channels channels
+send Search (or SearchBatch) requests back to back, each waiting for its answer before the next
+(closed loop), until --requests requests were sent or --seconds passed, whichever comes first.
+Reported per level: requests/s, latency p50/p90/p99/mean of successful calls, and every failure
+counted by its gRPC status code (RESOURCE_EXHAUSTED = the server's queue was full, ...).
+
+Target: --addr HOST:PORT (an already running server), or --model EXP --gallery GAL to start
+`hashret serve` as a child process on 127.0.0.1 with a free port (stopped at the end). The load
+generator runs in this process, the server in its own, so they do not share a GIL; on a small
+machine they still share the CPU cores, which the JSON records.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import machine
+from benchmarks.machine import add_out_arg, int_list, percentiles, print_table, write_result
+from hashret.errors import BadInput, MissingArtifact, Unavailable
+
+log = logging.getLogger("hashret.bench.serve")
+
+DEFAULT_CONCURRENCY = "1,4,16,64"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+# --------------------------------------------------------------------------- images
+
+
+def synthetic_images(n: int = 8, size: tuple[int, int] = (320, 240), seed: int = 0) -> list[bytes]:
+    """n JPEG files (smooth colour gradients + noise) for when no --images are given."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for _ in range(n):
+        c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        t = ((xx / w + yy / h) / 2)[..., None]
+        img = c0 * (1 - t) + c1 * t + rng.normal(0, 12, (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def load_images(spec: list[str] | None, limit: int = 256) -> tuple[list[bytes], str]:
+    """Bytes of the image files named (files or folders, searched recursively), or synthetic ones."""
+    if not spec:
+        return synthetic_images(), "8 synthetic 320x240 JPEGs"
+    paths: list[Path] = []
+    for s in spec:
+        p = Path(s)
+        if p.is_dir():
+            paths += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise MissingArtifact(f"--images {p} | not found: pass image files or a folder of them")
+    if not paths:
+        raise BadInput(f"--images {' '.join(spec)} | holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files")
+    paths = paths[:: max(1, len(paths) // limit)][:limit]
+    return [p.read_bytes() for p in paths], f"{len(paths)} files from {', '.join(spec)}"
+
+
+# --------------------------------------------------------------------------- server
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ChildServer:
+    """`hashret serve` in a child process on 127.0.0.1:<free port>, stopped with SIGTERM."""
+
+    def __init__(self, model: str, gallery: str, extra: list[str] | None = None, start_timeout: float = 180.0):
+        for p, what in ((model, "--model"), (gallery, "--gallery")):
+            if not Path(p).exists():
+                raise MissingArtifact(f"{what} {p} | not found")
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="hashret-bench-serve-", suffix=".log", delete=False)
+        self.cmd = [sys.executable, "-m", "hashret", "serve", "--model", str(model), "--gallery", str(gallery),
+                    "--host", "127.0.0.1", "--port", str(self.port), "--log-format", "text", *(extra or [])]
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return Path(self.log.name).read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def start(self) -> "ChildServer":
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.start_timeout
+        with grpc.insecure_channel(self.addr) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise Unavailable(f"hashret serve exited with {self.proc.returncode} before serving:\n"
+                                      f"{self.log_tail()}")
+                try:
+                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return self
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.3)
+        self.stop()
+        raise Unavailable(f"hashret serve did not report SERVING within {self.start_timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> "ChildServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        try:
+            os.unlink(self.log.name)
+        except OSError:
+            pass
+
+
+def is_loopback(addr: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost targets (HOST:PORT, [v6]:PORT)."""
+    host = addr.rsplit(":", 1)[0] if addr.count(":") == 1 or addr.startswith("[") else addr
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- load
+
+
+def server_info(addr: str, token: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    """A summary of the server's Info RPC ({} when it has none)."""
+    import grpc
+
+    from serve._proto import retrieval_pb2 as pb
+    from serve._proto import retrieval_pb2_grpc as pb_grpc
+
+    md = (("authorization", f"Bearer {token}"),) if token else ()
+    try:
+        with grpc.insecure_channel(addr) as ch:
+            r = pb_grpc.RetrievalStub(ch).Info(pb.InfoRequest(), timeout=timeout, metadata=md)
+    except grpc.RpcError as e:
+        return {"error": f"{e.code().name}: {e.details()}"}
+    try:
+        from google.protobuf.json_format import MessageToDict
+
+        return MessageToDict(r, preserving_proto_field_name=True)
+    except Exception as e:  # informational only: never fail the benchmark over it
+        return {"model_id": r.model_id, "backend": r.backend, "note": f"Info not fully decoded ({e})"}
+
+
+async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requests: int, seconds: float,
+                      k: int, rpc: str, batch_items: int, channels: int, timeout: float,
+                      token: str | None, warmup: int) -> dict[str, Any]:
+    import grpc
+
+    from serve._proto import retrieval_pb2 as pb
+    from serve._proto import retrieval_pb2_grpc as pb_grpc
+
+    opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+            # distinct channels must not share one TCP connection
+            ("grpc.use_local_subchannel_pool", 1)]
+    n_ch = max(1, min(channels, concurrency))
+    chans = [grpc.aio.insecure_channel(addr, options=opts + [("grpc.channel_id", i)]) for i in range(n_ch)]
+    stubs = [pb_grpc.RetrievalStub(c) for c in chans]
+    md = (("authorization", f"Bearer {token}"),) if token else ()
+    reqs = [pb.SearchRequest(image=img, k=k) for img in images]
+
+    def call(stub, i):
+        if rpc == "SearchBatch":
+            items = [reqs[(i + j) % len(reqs)] for j in range(batch_items)]
+            return stub.SearchBatch(pb.SearchBatchRequest(items=items), timeout=timeout, metadata=md)
+        return stub.Search(reqs[i % len(reqs)], timeout=timeout, metadata=md)
+
+    try:
+        await asyncio.gather(*(c.channel_ready() for c in chans))
+        for i in range(warmup):  # connections up, server-side caches and batcher warm
+            try:
+                await call(stubs[i % n_ch], i)
+            except grpc.RpcError:
+                pass
+        issued = 0
+        lat: list[float] = []
+        errors: dict[str, int] = {}
+        item_errors: dict[str, int] = {}
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+
+        async def worker(w: int):
+            nonlocal issued
+            stub = stubs[w % n_ch]
+            while issued < max_requests and time.perf_counter() < deadline:
+                i = issued
+                issued += 1
+                t = time.perf_counter()
+                try:
+                    resp = await call(stub, i)
+                except grpc.aio.AioRpcError as e:
+                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                    continue
+                lat.append((time.perf_counter() - t) * 1e3)
+                if rpc == "SearchBatch":
+                    for r in resp.results:
+                        if r.WhichOneof("result") == "error":
+                            item_errors[r.error.status] = item_errors.get(r.error.status, 0) + 1
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    finally:
+        await asyncio.gather(*(c.close() for c in chans), return_exceptions=True)
+    ok = len(lat)
+    per_req = batch_items if rpc == "SearchBatch" else 1
+    return {"concurrency": concurrency, "channels": n_ch, "rpc": rpc, "images_per_request": per_req,
+            "sent": issued, "ok": ok, "errors": dict(sorted(errors.items())), "error_count": sum(errors.values()),
+            "item_errors": item_errors, "duration_s": round(elapsed, 3),
+            "requests_per_s": round(ok / elapsed, 2) if elapsed > 0 else None,
+            "images_per_s": round(ok * per_req / elapsed, 2) if elapsed > 0 else None,
+            "stopped_by": "requests" if issued >= max_requests else "time", **percentiles(lat)}
+
+
+def run_load(addr: str, images: list[bytes], concurrency=(1, 4, 16, 64), max_requests: int = 500,
+             seconds: float = 10.0, k: int = 10, rpc: str = "Search", batch_items: int = 8,
+             channels: int = 16, timeout: float = 30.0, token: str | None = None, warmup: int = 5,
+             progress=print) -> list[dict[str, Any]]:
+    """One result dict per concurrency level (see _load_level)."""
+    if not images:
+        raise BadInput("images | none to send")
+    rows = []
+    for c in concurrency:
+        r = asyncio.run(_load_level(addr, images, int(c), max_requests, seconds, k, rpc, batch_items,
+                                    channels, timeout, token, warmup))
+        rows.append(r)
+        errs = ", ".join(f"{k2}={v}" for k2, v in r["errors"].items()) or "none"
+        p50 = r.get("p50_ms")
+        progress(f"  concurrency {c:>4}: {r['requests_per_s']} req/s, p50 {p50 if p50 is not None else '-'} ms, "
+                 f"p99 {r.get('p99_ms', '-')} ms, ok {r['ok']}/{r['sent']}, errors: {errs}")
+    return rows
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target (one of)")
+    g.add_argument("--addr", metavar="HOST:PORT",
+                   help="a running server on this machine, e.g. 127.0.0.1:50051 (default: none)")
+    g.add_argument("--allow-remote", action="store_true",
+                   help="accept an --addr that is not loopback: only for a server you run and may load-test "
+                        "(default: loopback only)")
+    g.add_argument("--model", metavar="EXP", help="with --gallery: start `hashret serve` on 127.0.0.1 (default: none)")
+    g.add_argument("--gallery", metavar="GAL", help="gallery folder for the started server (default: none)")
+    g.add_argument("--server-args", default="", metavar="'ARGS'",
+                   help="extra flags for the started server, e.g. '--backend openvino --max-batch 16' (default: none)")
+    g = p.add_argument_group("load")
+    g.add_argument("--concurrency", type=int_list, default=int_list(DEFAULT_CONCURRENCY), metavar="C,C",
+                   help=f"requests in flight at once, one level after another (default: {DEFAULT_CONCURRENCY})")
+    g.add_argument("--requests", type=int, default=500, help="most requests per level (default: 500)")
+    g.add_argument("--seconds", type=float, default=10.0, help="most seconds per level (default: 10)")
+    g.add_argument("--warmup", type=int, default=5, help="untimed requests before each level (default: 5)")
+    g.add_argument("--channels", type=int, default=16,
+                   help="gRPC channels (TCP connections) the workers share, capped at the concurrency (default: 16)")
+    g.add_argument("--rpc", choices=("Search", "SearchBatch"), default="Search", help="RPC to call (default: Search)")
+    g.add_argument("--batch-items", type=int, default=8, help="images per SearchBatch request (default: 8)")
+    g.add_argument("-k", "--k", type=int, default=10, help="neighbours per search (default: 10)")
+    g.add_argument("--images", nargs="+", metavar="DIR-or-FILE",
+                   help="query images, files or folders (default: 8 synthetic JPEGs)")
+    g.add_argument("--timeout", type=float, default=30.0, help="deadline per request in seconds (default: 30)")
+    g.add_argument("--token-file", metavar="FILE",
+                   help="bearer token file, for servers started with --require-token-for-reads (default: none)")
+    add_out_arg(p, "serve")
+
+
+def report_table(doc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    head = ["concurrency", "channels", "rpc", "ok/sent", "req/s", "img/s", "p50 ms", "p90 ms", "p99 ms", "errors"]
+    rows = []
+    for r in doc.get("results", []):
+        f = (lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "-")
+        rows.append([r["concurrency"], r["channels"], r["rpc"], f"{r['ok']}/{r['sent']}", r["requests_per_s"],
+                     r["images_per_s"], f(r.get("p50_ms")), f(r.get("p90_ms")), f(r.get("p99_ms")),
+                     ", ".join(f"{k}={v}" for k, v in r["errors"].items()) or "none"])
+    return head, rows
+
+
+def plot(doc: dict[str, Any], path: Path) -> bool:
+    """Requests/s and p50/p99 latency vs concurrency."""
+    from benchmarks.report import pyplot, save_figure
+
+    plt = pyplot()
+    res = sorted(doc.get("results", []), key=lambda r: r["concurrency"])
+    if plt is None or not res:
+        return False
+    xs = [r["concurrency"] for r in res]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a1.plot(xs, [r["requests_per_s"] or 0 for r in res], marker="o")
+    a1.set_ylabel("requests/s")
+    a1.set_title("throughput vs concurrency")
+    for q in ("p50_ms", "p99_ms"):
+        a2.plot(xs, [r.get(q) for r in res], marker="o", label=q[:3])
+    a2.set_yscale("log")
+    a2.set_ylabel("latency (ms)")
+    a2.set_title("latency vs concurrency")
+    a2.legend()
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.grid(True, which="both", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def run(args) -> int:
+    if bool(args.addr) == bool(args.model or args.gallery):
+        raise BadInput("target | pass either --addr HOST:PORT or --model EXP --gallery GAL")
+    if args.addr and not args.allow_remote and not is_loopback(args.addr):
+        raise BadInput(f"--addr {args.addr} | not a loopback address: this load generator drives servers on "
+                       "this machine; pass --allow-remote for a server of your own elsewhere")
+    if args.model and not args.gallery or args.gallery and not args.model:
+        raise BadInput("--model/--gallery | both are needed to start a server")
+    if min(args.concurrency) < 1 or args.requests < 1 or args.seconds <= 0:
+        raise BadInput("--concurrency/--requests/--seconds | must be positive")
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    images, img_desc = load_images(args.images)
+    server = None
+    started = None
+    if args.model:
+        import shlex
+
+        server = ChildServer(args.model, args.gallery, shlex.split(args.server_args))
+        t0 = time.perf_counter()
+        server.start()
+        started = {"command": machine.command_line(["hashret", *server.cmd[3:]]),
+                   "startup_s": round(time.perf_counter() - t0, 2)}
+        addr = server.addr
+        print(f"started {started['command']} in {started['startup_s']} s")
+    else:
+        addr = args.addr
+    try:
+        info = server_info(addr, token)
+        rows = run_load(addr, images, args.concurrency, args.requests, args.seconds, args.k, args.rpc,
+                        args.batch_items, args.channels, args.timeout, token, args.warmup)
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)
+    config = {"addr": addr, "started_server": started, "server_info": info, "images": img_desc,
+              "concurrency": args.concurrency, "requests": args.requests, "seconds": args.seconds,
+              "warmup": args.warmup, "channels": args.channels, "rpc": args.rpc, "batch_items": args.batch_items,
+              "k": args.k, "timeout_s": args.timeout}
+    notes = ["Closed loop: each worker waits for its answer before sending the next request.",
+             "Latency percentiles are over successful calls; failures are counted by gRPC status code."]
+    if started:
+        notes.append("Server and load generator ran on the same machine and shared its CPU cores.")
+    meta = machine.run_meta("serve", threads={"load_generator": "1 asyncio event loop",
+                                              "server": args.server_args or "server defaults"},
+                            argv=getattr(args, "_argv", None))
+    doc = {**meta, "config": config, "results": rows, "notes": notes}
+    print()
+    head, trows = report_table(doc)
+    print_table(head, trows)
+    path = write_result(doc, args.out)
+    print(f"wrote {path}")
+    return 0
