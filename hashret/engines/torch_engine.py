@@ -65,7 +65,8 @@ class TorchEngine(Engine):
         torch = self.torch
         with torch.inference_mode():
             if self.precision == "fp16":
-                with torch.autocast("cuda", dtype=torch.float16):
+                # no autocast weight-cast cache: CUDA graph capture must record the casts
+                with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
                     return self.model(x).float()
             return self.model(x)
 

@@ -1,0 +1,109 @@
+"""ONNX -> model.plan + engine.json with the TensorRT Python API (10.x and 11.x).
+
+Version differences handled by feature checks, not version numbers:
+* 10.x: the EXPLICIT_BATCH creation flag exists (deprecated, all networks are explicit batch);
+  precision comes from BuilderFlag.FP16 on the fp32 ONNX ("weak typing").
+* 11.x: weak typing is gone (no BuilderFlag.FP16/INT8, no calibrators); networks are strongly
+  typed and precision comes from the ONNX file, so fp16 builds parse model.fp16.onnx.
+No INT8 engines: TensorRT's explicit quantization wants symmetric int8 activations, while
+model.int8.onnx uses asymmetric uint8 activations, which is what ONNX Runtime on CPUs runs fastest.
+engine.json records what a runtime must match (TensorRT version, compute capability), which
+hashret.engines.tensorrt_engine checks before deserializing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from hashret.engines.tensorrt_engine import ENGINE_INFO, cuda_device_facts, import_tensorrt
+from hashret.errors import BadInput, CheckFailed
+from hashret.fsutil import atomic_write, sha256_file, write_json_atomic
+from hashret.manifest import now_iso
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp16", "fp32")
+
+
+def _flag(enum, name: str):
+    return getattr(enum, name, None)
+
+
+def strongly_typed_only(trt) -> bool:
+    """True on TensorRT 11+, where BuilderFlag.FP16 no longer exists."""
+    return _flag(trt.BuilderFlag, "FP16") is None
+
+
+def source_onnx_for(precision: str, exp_dir: Path, trt) -> tuple[Path, bool]:
+    """Which ONNX file to parse and whether to build a strongly typed network."""
+    if precision not in PRECISIONS:
+        raise BadInput(f"--tensorrt-precision {precision!r} | choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and strongly_typed_only(trt):
+        return exp_dir / "model.fp16.onnx", True
+    return exp_dir / "model.onnx", strongly_typed_only(trt)
+
+
+def engine_from_onnx(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, precision: str = "fp16",
+                     strongly_typed: bool = False, min_batch: int = 1, opt_batch: int = 8, max_batch: int = 64,
+                     workspace_gb: float = 4.0, timing_cache: str | os.PathLike | None = None) -> dict:
+    """Build and serialize an engine; write plan_path and engine.json beside it. Returns engine.json."""
+    trt = import_tensorrt()
+    facts = cuda_device_facts()
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise BadInput(f"--min-batch/--opt-batch/--max-batch | need 1 <= {min_batch} <= {opt_batch} <= {max_batch}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    explicit = _flag(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    if explicit is not None and int(trt.__version__.split(".")[0]) < 10:
+        flags |= 1 << int(explicit)
+    if strongly_typed:
+        st = _flag(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+        if st is not None:  # 10.x opt-in; accepted (and implied) on 11.x
+            flags |= 1 << int(st)
+        elif not strongly_typed_only(trt):
+            raise BadInput(f"tensorrt {trt.__version__} | has no strongly typed networks: upgrade TensorRT to 10.x")
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise CheckFailed(f"{onnx_path} | TensorRT's ONNX parser failed: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if precision == "fp16" and not strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+    inp = network.get_input(0)
+    _, h, w, c = tuple(inp.shape)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(inp.name, (min_batch, h, w, c), (opt_batch, h, w, c), (max_batch, h, w, c))
+    config.add_optimization_profile(profile)
+    cache = None
+    if timing_cache:
+        blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    log.info("building TensorRT %s engine from %s (takes minutes)", precision, onnx_path)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise CheckFailed(f"{onnx_path} | TensorRT engine build failed (see the TensorRT log above)")
+    plan_path = Path(plan_path)
+    atomic_write(plan_path, lambda f: f.write(memoryview(serialized)))
+    if cache is not None:
+        updated = config.get_timing_cache() or cache  # the builder extends it in place
+        data = bytes(memoryview(updated.serialize()))
+        atomic_write(timing_cache, lambda f: f.write(data))
+    info = {
+        "tensorrt_version": trt.__version__,
+        **facts,
+        "precision": precision,
+        "strongly_typed": bool(strongly_typed),
+        "profile": {"input": inp.name, "min": [min_batch, h, w, c], "opt": [opt_batch, h, w, c],
+                    "max": [max_batch, h, w, c]},
+        "workspace_gb": workspace_gb,
+        "source_onnx": Path(onnx_path).name,
+        "source_onnx_sha256": sha256_file(onnx_path),
+        "created": now_iso(),
+    }
+    write_json_atomic(plan_path.with_name(ENGINE_INFO), info)
+    return info

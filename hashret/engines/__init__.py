@@ -1,0 +1,142 @@
+"""Inference backends ("engines") behind one runner interface, and the one way to open them.
+
+Every backend runs the same exported encoder: uint8 images [N, H, W, 3] -> float32 tanh
+activations [N, bits]. `open_engine(EXP, backend)` reads EXP/manifest.json, refuses a file whose
+sha256 differs from the manifest (so the server never serves a model other than the one its
+gallery was encoded with), and returns a loaded Engine. Backend modules are imported lazily, and
+each imports its own package lazily, so a missing optional package costs nothing until used.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hashret.engines.base import Engine
+from hashret.errors import ArtifactMismatch, MissingArtifact, Unavailable
+from hashret.manifest import load_manifest, verify_file
+from hashret.registry import Registry
+
+__all__ = ["ENGINES", "BackendSpec", "Engine", "open_engine", "model_id", "available_backends",
+           "backend_spec", "unavailable_reason"]
+
+MODEL_ONNX = "model.onnx"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One backend: which EXP file it runs, where its runner lives, which package it needs."""
+
+    name: str
+    file: str  # inside EXP/
+    module: str  # module holding the Engine subclass
+    cls: str
+    package: str  # import name checked by available_backends()
+    pip: str  # what to pip install when the package is missing
+    needs_gpu: bool = False
+    options: tuple[tuple[str, object], ...] = ()  # fixed constructor options (e.g. precision)
+
+    def load_class(self) -> type[Engine]:
+        return getattr(importlib.import_module(self.module), self.cls)
+
+
+ENGINES: Registry[BackendSpec] = Registry("backend")
+
+
+def _add(spec: BackendSpec) -> None:
+    ENGINES.register(spec.name)(spec)
+
+
+_add(BackendSpec("torch", "model.pt", "hashret.engines.torch_engine", "TorchEngine", "torch", "torch"))
+_add(BackendSpec("ort", "model.onnx", "hashret.engines.ort", "OrtEngine", "onnxruntime", "onnxruntime"))
+_add(BackendSpec("ort-int8", "model.int8.onnx", "hashret.engines.ort", "OrtEngine", "onnxruntime", "onnxruntime"))
+_add(BackendSpec("ort-fp16", "model.fp16.onnx", "hashret.engines.ort", "OrtEngine", "onnxruntime", "onnxruntime"))
+_add(BackendSpec("openvino", "model.onnx", "hashret.engines.openvino_engine", "OpenVinoEngine", "openvino", "openvino"))
+_add(BackendSpec("openvino-int8", "model.int8.onnx", "hashret.engines.openvino_engine", "OpenVinoEngine",
+                 "openvino", "openvino"))
+_add(BackendSpec("tensorrt", "model.plan", "hashret.engines.tensorrt_engine", "TensorRTEngine", "tensorrt",
+                 "tensorrt (NVIDIA GPU hosts only)", needs_gpu=True))
+
+
+def backend_spec(name: str) -> BackendSpec:
+    return ENGINES.get(name)
+
+
+def _importable(package: str) -> str | None:
+    """None when `package` imports, else the reason (the import error text)."""
+    try:
+        importlib.import_module(package)
+    except Exception as e:  # ImportError, or a broken install raising anything
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend `name` cannot run on this machine (None when it can)."""
+    spec = backend_spec(name)
+    err = _importable(spec.package)
+    if err:
+        return f"{spec.package} not installed: pip install {spec.pip} ({err})"
+    if spec.needs_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA GPU visible (torch.cuda.is_available() is False)"
+    return None
+
+
+def available_backends(exp_dir: str | os.PathLike | None = None) -> list[str]:
+    """Backends whose packages (and GPU, where needed) are here; with EXP, whose file it holds."""
+    names = [n for n in ENGINES.names() if unavailable_reason(n) is None]
+    if exp_dir is not None:
+        files = load_manifest(exp_dir, kind="export").get("export", {}).get("files", {})
+        names = [n for n in names if backend_spec(n).file in files]
+    return names
+
+
+def model_id(exp_manifest: dict) -> str:
+    """The id galleries are bound to: sha256 of model.onnx, the same for every backend of one export.
+
+    Every backend file is derived from model.onnx (or, for torch, from the same weights), so a
+    gallery encoded through one backend stays valid for any other backend of that export.
+    """
+    files = (exp_manifest.get("export") or {}).get("files") or {}
+    entry = files.get(MODEL_ONNX)
+    if not isinstance(entry, dict) or not entry.get("sha256"):
+        raise ArtifactMismatch(
+            "export manifest | has no export.files['model.onnx'].sha256: re-export with hashret export"
+        )
+    return str(entry["sha256"])
+
+
+def open_engine(exp_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu", *,
+                verify: bool = True, **options) -> Engine:
+    """Open EXP's file for `backend`, sha256-verified against the manifest, loaded and ready.
+
+    Raises MissingArtifact when the export lacks the backend's file, ArtifactMismatch when the
+    file differs from the manifest, Unavailable when the backend's package or GPU is missing.
+    """
+    exp_dir = Path(exp_dir)
+    m = load_manifest(exp_dir, kind="export")
+    spec = backend_spec(backend)
+    files = (m.get("export") or {}).get("files") or {}
+    entry = files.get(spec.file)
+    if entry is None:
+        raise MissingArtifact(
+            f"{exp_dir / spec.file} | export has no {spec.file} for backend {backend!r}: "
+            f"re-export with hashret export {exp_dir} (formats: {', '.join(sorted(files)) or 'none'})"
+        )
+    path = verify_file(exp_dir, spec.file, entry) if verify else exp_dir / spec.file
+    reason = unavailable_reason(backend)
+    if reason:
+        raise Unavailable(f"backend {backend} | {reason}")
+    try:
+        size, bits = int(m["preprocessing"]["crop"]), int(m["bits"])
+    except (KeyError, TypeError, ValueError):
+        raise ArtifactMismatch(f"{exp_dir}/manifest.json | lacks preprocessing.crop or bits: re-export") from None
+    cls = spec.load_class()
+    opts = {**dict(spec.options), **options}
+    eng = cls(str(path), size=size, bits=bits, device=device, **opts)
+    eng.name = backend
+    return eng.load()

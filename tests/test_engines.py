@@ -1,0 +1,224 @@
+"""hashret.engines: real ONNX Runtime / OpenVINO / torch sessions on a real exported model.
+
+The export (ImageNet efficientnet-lite0 + seeded 32-bit head, 40 Grocery photos) is built once
+per session by tests/test_export.py's `exp_folder`; golden.npz provides real preprocessed images
+and the torch reference activations.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from hashret.engines import ENGINES, available_backends, backend_spec, model_id, open_engine, unavailable_reason
+from hashret.errors import ArtifactMismatch, BadInput, MissingArtifact, Unavailable
+from hashret.fsutil import sha256_file
+from tests.test_export import BITS, exp_folder
+
+
+@pytest.fixture(scope="session")
+def exp(tmp_path_factory):
+    return exp_folder(tmp_path_factory)[1]
+
+
+@pytest.fixture(scope="session")
+def golden(exp):
+    from export.golden import load_golden
+
+    return load_golden(exp / "golden.npz")
+
+
+@pytest.fixture()
+def exp_copy(exp, tmp_path):
+    dst = tmp_path / "exp"
+    shutil.copytree(exp, dst, copy_function=os.link)
+    return dst
+
+
+def agreement(a, b) -> float:
+    return float(((a >= 0) == (b >= 0)).mean())
+
+
+# ---------------------------------------------------------------- real sessions
+@pytest.mark.parametrize("backend, options, min_agree", [
+    ("torch", {}, 1.0),
+    ("ort", {"intra_op_threads": 1}, 0.9999),
+    ("ort-fp16", {}, 0.99),
+    ("openvino", {}, 0.9999),  # f32 by default
+    ("openvino", {"precision": "bf16"}, 0.95),
+    ("ort-int8", {}, 0.80),
+    ("openvino-int8", {}, 0.80),
+])
+def test_backend_matches_torch_reference(exp, golden, backend, options, min_agree):
+    with open_engine(exp, backend, **options) as eng:
+        assert eng.loaded and eng.size == 224 and eng.bits == BITS and eng.name == backend
+        out = eng.encode(golden["images"])
+        one = eng.encode(golden["images"][0])  # a single [H, W, 3] image is a batch of 1
+    assert out.shape == (len(golden["images"]), BITS) and out.dtype == np.float32
+    assert one.shape == (1, BITS)
+    assert agreement(out, golden["activations"]) >= min_agree
+    if min_agree >= 0.9999:
+        assert np.abs(out - golden["activations"]).max() < 1e-3
+
+
+def test_openvino_reports_precision_in_force(exp):
+    with open_engine(exp, "openvino") as eng:
+        d = eng.describe()
+    assert d["engine"] == "openvino" and "f32" in d["inference_precision"]
+
+
+def test_ort_describe_names_providers(exp):
+    with open_engine(exp, "ort") as eng:
+        assert eng.describe()["providers"] == ["CPUExecutionProvider"]
+
+
+# ---------------------------------------------------------------- input validation
+@pytest.mark.parametrize("images, match", [
+    (np.zeros((2, 224, 224, 3), np.float32), "dtype float32, expected uint8"),
+    (np.zeros((2, 100, 100, 3), np.uint8), r"shape \(2, 100, 100, 3\), expected \[N, 224, 224, 3\]"),
+    (np.zeros((2, 3, 224, 224), np.uint8), "shape"),
+    (np.zeros((0, 224, 224, 3), np.uint8), "shape"),
+    (np.zeros((224, 224), np.uint8), "shape"),
+])
+def test_bad_input_is_refused(exp, images, match):
+    with open_engine(exp, "ort") as eng:
+        with pytest.raises(BadInput, match=match):
+            eng.encode(images)
+
+
+@pytest.mark.parametrize("backend, options, match", [
+    ("ort", {"intra_op_threads": -1}, "intra_op_threads"),
+    ("openvino", {"precision": "int4"}, "precision"),
+    ("torch", {"precision": "fp16"}, "needs --device cuda"),
+])
+def test_bad_options_are_refused(exp, backend, options, match):
+    with pytest.raises(BadInput, match=match):
+        open_engine(exp, backend, **options)
+
+
+def test_unknown_backend_and_device(exp):
+    with pytest.raises(BadInput, match="unknown: choose one of"):
+        open_engine(exp, "coreml")
+    with pytest.raises(BadInput, match="device"):
+        open_engine(exp, "ort", device="tpu")
+
+
+def test_cuda_without_cuda_is_unavailable(exp):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(Unavailable, match="pip install onnxruntime-gpu"):
+        open_engine(exp, "ort", device="cuda")
+
+
+# ---------------------------------------------------------------- artifacts and ids
+def test_sha_mismatch_is_refused_naming_the_file(exp_copy):
+    path = exp_copy / "model.int8.onnx"
+    data = path.read_bytes()
+    path.unlink()  # hard link: replace, never write through
+    path.write_bytes(data[:-10] + b"0123456789")
+    with pytest.raises(ArtifactMismatch, match=r"model\.int8\.onnx.*re-export"):
+        open_engine(exp_copy, "ort-int8")
+    with open_engine(exp_copy, "ort") as eng:  # other backends are unaffected
+        assert eng.bits == BITS
+
+
+def test_backend_file_not_in_export(exp_copy):
+    m = json.loads((exp_copy / "manifest.json").read_text())
+    del m["export"]["files"]["model.fp16.onnx"]
+    (exp_copy / "manifest.json").unlink()
+    (exp_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(MissingArtifact, match="no model.fp16.onnx for backend 'ort-fp16'"):
+        open_engine(exp_copy, "ort-fp16")
+    assert "ort-fp16" not in available_backends(exp_copy)
+
+
+def test_run_folder_is_not_an_export(tmp_path_factory):
+    run = exp_folder(tmp_path_factory)[0]
+    with pytest.raises(ArtifactMismatch, match="kind is 'run', expected export"):
+        open_engine(run, "ort")
+
+
+def test_model_id_is_the_onnx_sha_for_every_backend(exp):
+    m = json.loads((exp / "manifest.json").read_text())
+    assert model_id(m) == sha256_file(exp / "model.onnx")
+    with pytest.raises(ArtifactMismatch, match="re-export"):
+        model_id({"export": {"files": {}}})
+
+
+def test_registry_and_availability(exp):
+    names = ENGINES.names()
+    assert {"torch", "ort", "ort-int8", "ort-fp16", "openvino", "openvino-int8", "tensorrt"} <= set(names)
+    assert backend_spec("ort-int8").file == "model.int8.onnx" and backend_spec("tensorrt").file == "model.plan"
+    here = available_backends()
+    assert {"torch", "ort", "openvino"} <= set(here)
+    assert set(available_backends(exp)) >= {"torch", "ort", "ort-int8", "ort-fp16", "openvino", "openvino-int8"}
+    if unavailable_reason("tensorrt"):
+        assert "tensorrt" not in here
+
+
+# ---------------------------------------------------------------- TensorRT
+def test_tensorrt_refuses_engine_from_other_version_or_gpu(tmp_path):
+    """The compatibility check runs before deserializing, so it is testable without TensorRT."""
+    from hashret.engines.tensorrt_engine import check_engine_info
+
+    plan = tmp_path / "model.plan"
+    facts = {"gpu": "NVIDIA H100", "compute_capability": "9.0"}
+    ok = {"tensorrt_version": "10.13.0", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
+    check_engine_info(ok, "10.13.0", facts, plan)
+    with pytest.raises(ArtifactMismatch, match=r"TensorRT 10\.13\.0.*TensorRT 11\.0\.0.*--formats tensorrt"):
+        check_engine_info(ok, "11.0.0", facts, plan)
+    with pytest.raises(ArtifactMismatch, match=r"compute capability 9\.0.*8\.9.*rebuild with hashret export"):
+        check_engine_info(ok, "10.13.0", {"gpu": "NVIDIA L4", "compute_capability": "8.9"}, plan)
+
+
+def test_tensorrt_backend_without_tensorrt(exp_copy):
+    reason = unavailable_reason("tensorrt")
+    if reason is None:
+        pytest.skip("tensorrt and a GPU are available here")
+    from hashret.manifest import file_entry, write_manifest
+
+    (exp_copy / "model.plan").write_bytes(b"not an engine")
+    m = json.loads((exp_copy / "manifest.json").read_text())
+    m["export"]["files"]["model.plan"] = file_entry(exp_copy / "model.plan")
+    (exp_copy / "manifest.json").unlink()
+    write_manifest(exp_copy, m)
+    with pytest.raises(Unavailable, match="backend tensorrt"):
+        open_engine(exp_copy, "tensorrt", device="cuda")
+
+
+def test_tensorrt_engine_runs(tmp_path_factory, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as e:
+        pytest.skip(f"tensorrt not installed: {type(e).__name__}: {e}")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("tensorrt installed but no CUDA GPU visible")
+    from hashret.cli import main
+
+    run = exp_folder(tmp_path_factory)[0]
+    out = tmp_path / "trt"
+    assert main(["export", str(run), "--out", str(out), "--formats", "tensorrt", "--golden", "8",
+                 "--max-batch", "8", "--no-parity"]) == 0
+    from export.golden import load_golden
+
+    g = load_golden(out / "golden.npz")
+    with open_engine(out, "tensorrt", device="cuda") as eng:
+        acts = eng.encode(g["images"])
+    assert agreement(acts, g["activations"]) >= 0.98
+
+
+def test_torch_cuda_graphs(exp, golden):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible: torch CUDA graphs cannot run here")
+    with open_engine(exp, "torch", device="cuda", graph_batches=(1, 4)) as eng:
+        out = eng.encode(golden["images"][:6])  # 4 + a padded 2 -> 4
+    assert agreement(out, golden["activations"][:6]) >= 0.98
