@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -280,11 +281,15 @@ def test_torchrun_two_ranks_agree(subset, tmp_path):
     cache = tmp_path / "cache"
     assert _train(subset, tmp_path / "warm", cache) == 0  # fill the cache once
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    with socket.socket() as sock:  # torchrun's static rendezvous needs a concrete free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(port),
            "-m", "hashret", "train", "--data", str(subset), "--format", "csv", "--bits", "16",
            "--epochs", "5", "--batch-size", "16", "--out", str(tmp_path / "ddp"), "--cache-dir", str(cache),
            "--no-progress", "--device", "cpu"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shas = {line.split()[1]: line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("rank ")}
     assert set(shas) == {"0/2", "1/2"}, proc.stdout

@@ -44,7 +44,8 @@ class ImageList(Dataset):
         try:
             img = load_image(s.path, self.spec)
         except BadInput as e:
-            return i, None, f"{s.source or s.path} | {str(e).split(' | ', 1)[-1]}"
+            where = f"{s.path} ({s.source})" if s.source and s.source != s.path else s.path
+            return i, None, f"{where} | {str(e).split(' | ', 1)[-1]}"
         if self.flip and torch.rand(()) < 0.5:
             img = np.ascontiguousarray(img[:, ::-1])
         return i, torch.from_numpy(img), None
