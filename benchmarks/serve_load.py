@@ -110,26 +110,15 @@ class ChildServer:
             return ""
 
     def start(self) -> "ChildServer":
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from serve.client import wait_serving
 
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.start_timeout
-        with grpc.insecure_channel(self.addr) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise Unavailable(f"hashret serve exited with {self.proc.returncode} before serving:\n"
-                                      f"{self.log_tail()}")
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return self
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.3)
-        self.stop()
-        raise Unavailable(f"hashret serve did not report SERVING within {self.start_timeout:.0f} s:\n{self.log_tail()}")
+        try:
+            wait_serving(self.addr, self.proc, self.start_timeout, self.log_tail)
+        except RuntimeError as e:
+            self.stop()
+            raise Unavailable(str(e)) from None
+        return self
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

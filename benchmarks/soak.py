@@ -214,25 +214,14 @@ class ServerProcess:
         return self
 
     def wait_serving(self, timeout: float = 120.0) -> "ServerProcess":
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from serve.client import wait_serving
 
-        until = time.monotonic() + timeout
-        with grpc.insecure_channel(self.addr) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < until:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"hashret serve exited with {self.proc.returncode} before serving:\n"
-                                       f"{self.log_text()[-4000:]}")
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return self
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        self.kill()
-        raise RuntimeError(f"hashret serve did not report SERVING within {timeout:.0f} s:\n{self.log_text()[-4000:]}")
+        try:
+            wait_serving(self.addr, self.proc, timeout, lambda: self.log_text()[-4000:])
+        except RuntimeError:
+            self.kill()
+            raise
+        return self
 
     def start(self, timeout: float = 120.0) -> "ServerProcess":
         return self.spawn().wait_serving(timeout)

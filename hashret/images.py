@@ -9,7 +9,7 @@ import io
 import os
 import struct
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np

@@ -169,3 +169,25 @@ class RetrievalClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def wait_serving(addr: str, proc, timeout: float, log_tail=lambda: "") -> None:
+    """Poll grpc.health.v1 at `addr` until SERVING; fail early if the server process `proc` exits.
+
+    Raises RuntimeError carrying `log_tail()` (the server's last log lines) on exit or timeout.
+    """
+    import time
+
+    until = time.monotonic() + timeout
+    with grpc.insecure_channel(addr) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < until:
+            if proc.poll() is not None:
+                raise RuntimeError(f"hashret serve exited with {proc.returncode} before serving:\n{log_tail()}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"hashret serve did not report SERVING within {timeout:.0f} s:\n{log_tail()}")

@@ -674,7 +674,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"example    {short(ex['query'])} ({ex['class']}) -> top-{K_SHOP}:")
         for h in answers[i].hits[:K_SHOP]:
             print(f"             {_fmt_hit(h, names, short(ds_dir / h.id))}")
-    print(f"steps      " + ", ".join(f"{k} {v['seconds']:.1f}s{' (reused)' if v['reused'] else ''}"
+    print("steps      " + ", ".join(f"{k} {v['seconds']:.1f}s{' (reused)' if v['reused'] else ''}"
                                    for k, v in steps.timings.items()) + f"; total {summary['total_s']:.0f}s")
     print(f"wrote      {workdir / 'summary.json'}, {workdir / 'demo.html'}")
     failed = retrieval["failed"] + shop["failed"]

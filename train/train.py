@@ -178,7 +178,6 @@ def finetune_last_block(encoder: HashEncoder, backbone, samples, loss_fn, args, 
     encoder.requires_grad_(False)
     backbone.last_block.requires_grad_(True)
     encoder.head.requires_grad_(True)
-    label_of = {s.path: s.label for s in samples}
     ds = ImageList(samples, backbone.spec, flip=True)
     sampler = None
     if d.enabled:
@@ -187,9 +186,6 @@ def finetune_last_block(encoder: HashEncoder, backbone, samples, loss_fn, args, 
     loader = DataLoader(ds, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
                         num_workers=num_workers(), collate_fn=collate,
                         generator=torch.Generator().manual_seed(args.seed))
-    model = encoder
-    if d.enabled:
-        model = nn.parallel.DistributedDataParallel(encoder, device_ids=[device] if device.startswith("cuda") else None)
     params = [
         {"params": [p for p in backbone.last_block.parameters()], "lr": args.finetune_lr},
         {"params": list(encoder.head.parameters()), "lr": args.lr * 0.1},
@@ -212,13 +208,12 @@ def finetune_last_block(encoder: HashEncoder, backbone, samples, loss_fn, args, 
                 continue
             labels = torch.tensor([samples[i].label for i in idx])
             x = x.to(device)
-            # tanh is re-applied by the loss, so train on the head's logits
-            feats = (model.module if d.enabled else model).backbone(encoder.normalize(x))
-            h = encoder.head(feats)
+            # the loss applies its own activation, so train on the head's logits
+            h = encoder.head(encoder.backbone(encoder.normalize(x)))
             loss = loss_fn(h, similarity(labels.to(device)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if d.enabled:  # gradients of the pieces used outside the DDP forward: average by hand
+            if d.enabled:  # average gradients across ranks (what DDP does, without its unused-parameter rules)
                 for p in encoder.parameters():
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
@@ -228,13 +223,12 @@ def finetune_last_block(encoder: HashEncoder, backbone, samples, loss_fn, args, 
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         history.append(total / max(count, 1))
-    del label_of
     return history
 
 
 @torch.no_grad()
-def encode_images(encoder: HashEncoder, samples, spec, device, progress) -> np.ndarray:
-    from train.features import extract  # noqa: F401  (same loader, full encoder)
+def encode_images(encoder: HashEncoder, samples, spec, device) -> np.ndarray:
+    """Full-encoder activations for images (after fine-tuning the cached features are stale)."""
     from torch.utils.data import DataLoader
 
     from train.features import ImageList, collate, num_workers
@@ -319,8 +313,8 @@ def _run(args, d, device: str, t0: float) -> int:
     encoder.eval()
     with torch.no_grad():
         if args.finetune == "last-block":
-            Zq = encode_images(encoder, q_s, backbone.spec, device, False)
-            Zd = encode_images(encoder, db_s, backbone.spec, device, False)
+            Zq = encode_images(encoder, q_s, backbone.spec, device)
+            Zd = encode_images(encoder, db_s, backbone.spec, device)
         else:
             Zq = torch.tanh(head(Fq)).numpy()
             Zd = torch.tanh(head(Fd)).numpy()
