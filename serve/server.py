@@ -29,7 +29,7 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hashret.errors import BadInput, MissingArtifact, Unavailable
+from hashret.errors import ArtifactMismatch, BadInput, MissingArtifact, Unavailable
 from hashret.images import PreprocessSpec
 from hashret.manifest import load_manifest, versions
 from serve._proto import retrieval_pb2_grpc as pb_grpc
@@ -339,10 +339,24 @@ def _open_parts(cfg: ServeConfig, engine=None):
             engine = open_engine(cfg.model, cfg.backend, cfg.device, **opts)
         if int(engine.bits) != bits:
             raise BadInput(f"engine | outputs {engine.bits} bits, {cfg.model} says {bits}")
+        _warm_up(engine, spec, cfg.model, bits)
     except BaseException:
         gallery.close()
         raise
     return manifest, mid, spec, gallery, engine
+
+
+def _warm_up(engine, spec: PreprocessSpec, model_dir, bits: int) -> None:
+    """One inference before serving: pays lazy initialization up front, and a model whose real
+    output width disagrees with its manifest is refused at start instead of failing every request."""
+    import numpy as np
+
+    try:
+        engine.encode(np.zeros((1, spec.crop, spec.crop, 3), np.uint8))
+    except RuntimeError as e:
+        raise ArtifactMismatch(
+            f"{model_dir} | the model does not produce what its manifest says ({bits} bits): {e}; re-export it"
+        ) from None
 
 
 class HashretServer:

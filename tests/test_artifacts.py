@@ -192,3 +192,17 @@ def test_tensorrt_plan_from_another_version_or_gpu_is_refused(tmp_path):
     (plan.parent / "engine.json").write_text("{torn")
     with pytest.raises(ArtifactMismatch, match=r"engine\.json \| not valid JSON"):
         read_engine_info(plan)
+
+
+def test_manifest_bits_disagreeing_with_the_model_is_refused_at_start(exp_all, tmp_path, capsys):
+    """A hand-edited `bits` passes every file hash; the warm-up inference at start catches it."""
+    from serve.gallery import create_gallery
+
+    exp = _copy(exp_all, tmp_path / "exp")
+    m = json.loads((exp / "manifest.json").read_text())
+    m["bits"] = 32  # the model really outputs 64
+    (exp / "manifest.json").write_text(json.dumps(m))
+    gal = tmp_path / "gal"
+    create_gallery(gal, "faiss-flat", 32, model_id_of(exp)).close()
+    code, err = serve_cli(exp, gal, capsys)
+    assert code == 2 and "does not produce what its manifest says (32 bits)" in err and "re-export" in err, err
