@@ -30,12 +30,12 @@ from typing import Any
 
 from benchmarks import machine
 from benchmarks.machine import add_out_arg, int_list, percentiles, print_table, write_result
+from hashret.datasets import IMAGE_SUFFIXES
 from hashret.errors import BadInput, MissingArtifact, Unavailable
 
 log = logging.getLogger("hashret.bench.serve")
 
 DEFAULT_CONCURRENCY = "1,4,16,64"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 # --------------------------------------------------------------------------- images

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import ipaddress
 import json
 import os
@@ -41,10 +40,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks.serve_load import load_images as _load_images
+from benchmarks.serve_load import synthetic_images  # noqa: F401  (re-exported: the tests build images with it)
+from hashret.errors import HashretError
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MIX = "search=0.7,batch=0.2,upsert=0.1"
 RPCS = {"search": "Search", "batch": "SearchBatch", "upsert": "Upsert"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 class SoakError(Exception):
@@ -125,41 +127,8 @@ def parse_mix(text: str) -> dict[str, float]:
     return {k: v / total for k, v in out.items() if v > 0}
 
 
-def synthetic_images(n: int = 8, size: tuple[int, int] = (320, 240), seed: int = 0) -> list[bytes]:
-    """n JPEG files of smooth colour gradients + noise (distinct codes, realistic decode cost)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    out = []
-    for _ in range(n):
-        c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-        t = ((xx / w + yy / h) / 2)[..., None]
-        img = c0 * (1 - t) + c1 * t + rng.normal(0, 12, (h, w, 3))
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
 def load_images(spec: Sequence[str] | None, limit: int = 64) -> list[bytes]:
-    if not spec:
-        return synthetic_images()
-    paths: list[Path] = []
-    for s in spec:
-        p = Path(s)
-        if p.is_dir():
-            paths += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise SoakError(f"--images {p} | not found")
-    if not paths:
-        raise SoakError(f"--images {' '.join(spec)} | no image files there")
-    paths = paths[:: max(1, len(paths) // limit)][:limit]
-    return [p.read_bytes() for p in paths]
+    return _load_images(spec, limit)[0]
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -519,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _main(args)
-    except SoakError as e:
+    except (SoakError, HashretError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
