@@ -3,7 +3,6 @@ a real ONNX Runtime engine (efficientnet-lite0 + a seeded 64-bit head), real gal
 """
 from __future__ import annotations
 
-import datetime as dt
 import importlib.util
 import io
 import json
@@ -27,6 +26,7 @@ from hashret.images import PreprocessSpec, load_image
 from serve.client import Item, ItemError, RetrievalClient
 from serve.server import BackgroundServer, ServeConfig
 from serve.service import Limits
+from tests.pki import make_pki
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token"
@@ -488,46 +488,8 @@ def test_full_queue_deadlines_and_graceful_shutdown(exp_dir, gallery_dir, engine
         srv.stop()
 
 
-def _cert_pair(tmp: Path):
-    """A CA, a server cert for 127.0.0.1/localhost and a client cert, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    import ipaddress
-
-    now = dt.datetime.now(dt.timezone.utc)
-
-    def make(name, issuer_cert=None, issuer_key=None, ca=False, san=None):
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        b = (x509.CertificateBuilder().subject_name(subject)
-             .issuer_name(issuer_cert.subject if issuer_cert else subject)
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        cert = b.sign(issuer_key or key, hashes.SHA256())
-        return cert, key
-
-    ca, ca_key = make("hashret test CA", ca=True)
-    srv, srv_key = make("localhost", ca, ca_key, san=[x509.DNSName("localhost"),
-                                                      x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    cli, cli_key = make("client", ca, ca_key)
-    out = {}
-    for n, obj in {"ca": ca, "srv": srv, "cli": cli}.items():
-        out[n] = tmp / f"{n}.pem"
-        out[n].write_bytes(obj.public_bytes(serialization.Encoding.PEM))
-    for n, key in {"srv_key": srv_key, "cli_key": cli_key}.items():
-        out[n] = tmp / f"{n}.pem"
-        out[n].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()))
-    return out
-
-
 def test_mutual_tls_and_token_for_reads(exp_dir, gallery_dir, tmp_path_factory, data):
-    pem = _cert_pair(tmp_path_factory.mktemp("tls"))
+    pem = make_pki(tmp_path_factory.mktemp("tls"))
     cfg = config(exp_dir, copy_gallery(gallery_dir, tmp_path_factory, "tls"), metrics_port=None,
                  tls_cert=str(pem["srv"]), tls_key=str(pem["srv_key"]), tls_client_ca=str(pem["ca"]),
                  require_token_for_reads=True)
