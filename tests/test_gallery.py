@@ -97,13 +97,16 @@ def test_delete_unknown_id_deletes_nothing(make, kind):
     assert g.ids() == ["a", "b"]
 
 
-def test_flat_equals_brute_force(make):
-    codes, ids = rand_codes(2000, seed=1), [f"img{i}" for i in range(2000)]
-    g = make("faiss-flat")
+@pytest.mark.parametrize("bits,k", [(64, 10), (16, 1), (16, 300), (32, 2500), (128, 7)])
+def test_flat_equals_brute_force(make, bits, k):
+    """Exact ids, distances and tie order (16-bit codes tie a lot), k beyond the size included."""
+    codes, ids = rand_codes(2000, bits, seed=1), [f"img{i}" for i in range(2000)]
+    g = make("faiss-flat", bits=bits)
     g.upsert(ids, codes)
-    queries = np.concatenate([codes[:5], rand_codes(15, seed=2)])
-    got = [pairs(h) for h in g.search(queries, 10)]
-    assert got == brute_force(queries, codes, ids, 10)
+    queries = np.concatenate([codes[:5], rand_codes(15, bits, seed=2)])
+    got = [pairs(h) for h in g.search(queries, k)]
+    assert got == brute_force(queries, codes, ids, k)
+    assert all(len(h) == min(k, 2000) for h in got)
 
 
 @milvus
