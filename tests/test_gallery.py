@@ -130,6 +130,48 @@ def test_faiss_flat_and_milvus_lite_agree(make):
     assert within == [[p for p in w if p[1] <= 25] for w in want]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_search_nowait_answers_only_when_cheap_and_free(make, kind, monkeypatch):
+    """The event loop's shortcut: same hits as search, never waits behind a writer."""
+    g = make(kind)
+    codes, ids = rand_codes(300, seed=7), [f"i{n}" for n in range(300)]
+    g.upsert(ids, codes)
+    q = codes[:3] ^ np.uint8(1)
+    g.search(q, 5)  # builds the FAISS index
+    now = g.search_nowait(q, 5, max_distance=30)
+    if kind == "milvus":
+        assert now is None  # a network call: always from a thread
+        return
+    assert [pairs(h) for h in now] == [pairs(h) for h in g.search(q, 5, max_distance=30)]
+    with pytest.raises(BadInput, match="expected packed uint8"):
+        g.search_nowait(q[0], 5)  # refused like search refuses it
+
+    held, release = threading.Event(), threading.Event()
+
+    def writer():
+        with g._lock:  # what an upsert does while it fsyncs the WAL
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    held.wait(10)
+    try:
+        assert g.search_nowait(q, 5) is None
+    finally:
+        release.set()
+        t.join()
+    assert g.search_nowait(q, 5) is not None
+    if kind == "faiss-flat":
+        monkeypatch.setattr(type(g), "CHEAP_SCAN_BYTES", 300 * 8 - 1)  # one scan just too big
+        assert g.search_nowait(q[:1], 5) is None
+        g.delete(["i0"])  # index must be rebuilt: not on the caller's thread
+        monkeypatch.undo()
+        assert g.search_nowait(q[:1], 5) is None
+        g.search(q[:1], 5)
+        assert g.search_nowait(q[:1], 5) is not None
+
+
 def test_hnsw_recall_vs_flat(make):
     """Clustered codes (like real image hashes); recall counts tied distances as hits."""
     rng = np.random.default_rng(6)

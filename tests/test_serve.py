@@ -3,6 +3,8 @@ a real ONNX Runtime engine (efficientnet-lite0 + a seeded 64-bit head), real gal
 """
 from __future__ import annotations
 
+import asyncio
+
 import importlib.util
 import io
 import json
@@ -484,6 +486,38 @@ def test_full_queue_deadlines_and_graceful_shutdown(exp_dir, gallery_dir, engine
             assert ei.value.code() == SC.UNAVAILABLE
             assert len(inflight.result(timeout=10)) == 3
             stopping.result(timeout=10)
+    finally:
+        srv.stop()
+
+
+def test_cancelled_requests_give_their_queue_slots_back(exp_dir, gallery_dir, engine, tmp_path_factory, data):
+    """Callers that go away while decoding, queued or in inference leave no slot reserved."""
+    slow = SlowEngine(engine, 0.3)
+    cfg = config(exp_dir, copy_gallery(gallery_dir, tmp_path_factory, "cancel"), max_batch=1, queue_size=6,
+                 decode_threads=1, metrics_port=None)
+    q = Path(data[2][0]).read_bytes()
+    srv = BackgroundServer(cfg, engine=slow).start()
+    try:
+        svc = srv.server.service
+
+        async def burst(n: int, cancel_after: float):
+            tasks = [asyncio.ensure_future(svc.search(q, 3)) for _ in range(n)]
+            await asyncio.sleep(cancel_after)
+            for t in tasks[1:]:
+                t.cancel()
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+        for cancel_after in (0.0, 0.05, 0.4):  # still in the decode pool / decoding or queued / later
+            res = srv.call(burst(6, cancel_after), timeout=30)
+            assert len(res[0]) == 3
+            assert all(isinstance(r, (asyncio.CancelledError, list)) for r in res[1:])
+            wait_for(lambda: svc.batcher.depth == 0)
+
+        async def full():  # every slot is usable again
+            return await asyncio.gather(*(svc.search(q, 3) for _ in range(6)))
+
+        assert all(len(r) == 3 for r in srv.call(full(), timeout=60))
+        assert svc.batcher.depth == 0
     finally:
         srv.stop()
 

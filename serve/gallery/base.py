@@ -216,6 +216,25 @@ class Gallery(abc.ABC):
             results = [[h for h in hits if h.distance <= max_distance] for hits in results]
         return results
 
+    def search_nowait(
+        self, queries: np.ndarray, k: int, max_distance: int | None = None
+    ) -> list[list[Hit]] | None:
+        """`search` when it can answer right away, else None (then call `search` from a thread).
+
+        "Right away" means no write holds the lock and the kind says the search is cheap
+        (`_cheap`). An event loop uses this to skip a thread hop that costs more than a small
+        in-memory search, without ever waiting behind an fsync or a Milvus round trip.
+        """
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            n = len(queries) if getattr(queries, "ndim", 2) > 1 else 1
+            if self._closed or not self._cheap(n, int(k)):
+                return None
+            return self.search(queries, k, max_distance)
+        finally:
+            self._lock.release()
+
     def get(self, id: str) -> tuple[np.ndarray, dict[str, str]]:
         """The stored code (uint8[bits//8]) and metadata of one id; NotFound if absent."""
         with self._lock:
@@ -297,6 +316,10 @@ class Gallery(abc.ABC):
         return out
 
     # ---- primitives each kind implements (called with the lock held) ---------------------
+    def _cheap(self, n_queries: int, k: int) -> bool:
+        """Whether searching now takes well under a millisecond (no I/O, no index rebuild)."""
+        return False
+
     @abc.abstractmethod
     def _size(self) -> int: ...
 

@@ -343,6 +343,12 @@ class FaissGallery(Gallery):
             out.append([Hit(self._ids_list[p], d, dict(self._meta[p])) for d, p in pairs])
         return out
 
+    def _cheap(self, n_queries, k):
+        return self._index is not None and self._cheap_index(n_queries, k)
+
+    def _cheap_index(self, n_queries: int, k: int) -> bool:
+        return False
+
     def _get(self, id):
         p = self._pos.get(id)
         return None if p is None else (self._buf[p].copy(), dict(self._meta[p]))
@@ -408,8 +414,14 @@ class FaissFlatGallery(FaissGallery):
 
     kind = "faiss-flat"
 
+    # A scan touches every code: ~0.9 ms per 8 MB here, so up to 1 MiB per call is "cheap".
+    CHEAP_SCAN_BYTES = 1 << 20
+
     def _new_index(self):
         return flat_index(self._bits)
+
+    def _cheap_index(self, n_queries, k):
+        return n_queries * self._n * (self._bits // 8) <= self.CHEAP_SCAN_BYTES
 
 
 @INDEX_KINDS.register("faiss-hnsw")
@@ -426,6 +438,9 @@ class FaissHNSWGallery(FaissGallery):
 
     def _prepare_search(self, index, k: int) -> None:
         index.hnsw.efSearch = max(self._opts["ef_search"], k)
+
+    def _cheap_index(self, n_queries, k):
+        return n_queries * max(self._opts["ef_search"], k) <= 1024  # visited nodes, roughly
 
     def _snapshot_blobs(self, gen: int) -> dict[str, bytes]:
         blobs = super()._snapshot_blobs(gen)
