@@ -145,6 +145,9 @@ def section(path: Path, doc: dict[str, Any], plots_dir: Path | None, md_dir: Pat
     out.append(md_table(head, rows) if rows else "_No results in this file._")
     out.append("")
     for bar in doc.get("bars", []):
+        if bar.get("text"):
+            out.append(f"- **Bar:** {bar['text']}: **{'met' if bar.get('met') else 'not met'}**")
+            continue
         out.append(f"- **Bar:** {bar.get('name')} (k={bar.get('k')}): p50 {bar.get('measured_p50_ms')} ms, "
                    f"target <= {bar.get('target_ms')} ms: **{'met' if bar.get('met') else 'not met'}**"
                    + (f" (previously measured {bar['previous_ms']} ms)" if bar.get("previous_ms") else ""))

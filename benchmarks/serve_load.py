@@ -19,6 +19,7 @@ import io
 import ipaddress
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -293,6 +294,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--images", nargs="+", metavar="DIR-or-FILE",
                    help="query images, files or folders (default: 8 synthetic JPEGs)")
     g.add_argument("--timeout", type=float, default=30.0, help="deadline per request in seconds (default: 30)")
+    g.add_argument("--no-baseline", action="store_true",
+                   help="with --model: skip timing the server's engine alone (batch 1, 8, 32, 64) before the load; "
+                        "that baseline is what the service-overhead bars compare against (default: time it)")
     g.add_argument("--token-file", metavar="FILE",
                    help="bearer token file, for servers started with --require-token-for-reads (default: none)")
     add_out_arg(p, "serve")
@@ -335,6 +339,58 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     return save_figure(fig, path)
 
 
+# Service-overhead bars: what the server may add on top of its engine measured alone.
+LATENCY_ALLOWANCE_MS = 2.0
+THROUGHPUT_SHARE = 0.8
+BAR_CONCURRENCY = 16
+
+
+def engine_baseline(model: str, server_args: list[str], info: dict[str, Any]) -> dict[str, Any]:
+    """Time the server's own engine (same EXP, backend, device, threads) offline, right now."""
+    from benchmarks.engine import run_engine_bench
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--backend", default="ort")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--engine-threads", type=int, default=0)
+    known, _ = p.parse_known_args(server_args)
+    backend = str(info.get("backend", known.backend)).split(" ")[0] or known.backend
+    print(f"engine baseline: {backend} on {known.device}, batch 1, 8, 32, 64 (the server is idle meanwhile)")
+    return run_engine_bench(model, [backend], known.device, batches=(1, 8, 32, 64), iters=40, warmup=5,
+                            threads=known.engine_threads, max_seconds=10.0,
+                            progress=lambda m: print(f"  {m.strip()}"))
+
+
+def overhead_bars(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> list[dict[str, Any]]:
+    """Served Search p50 (concurrency 1) vs engine bs=1 + 2 ms; img/s at concurrency 16 vs 80% of the best."""
+    eng = baseline.get("results") or []
+    if not eng:
+        return []
+    bs1 = next((r for r in eng if r["batch"] == 1), None)
+    best = max(eng, key=lambda r: r["img_per_s"])
+    bars = []
+    c1 = next((r for r in rows if r["concurrency"] == 1 and r.get("p50_ms") is not None), None)
+    if c1 is not None and bs1 is not None and c1["rpc"] == "Search":
+        target = bs1["p50_ms"] + LATENCY_ALLOWANCE_MS
+        bars.append({"name": "served Search p50 at concurrency 1 <= engine batch-1 p50 + 2 ms",
+                     "measured": round(c1["p50_ms"], 3), "target": round(target, 3), "unit": "ms",
+                     "met": c1["p50_ms"] <= target,
+                     "text": f"served Search p50 at concurrency 1: {c1['p50_ms']:.2f} ms; engine alone at batch 1: "
+                             f"{bs1['p50_ms']:.2f} ms, so the service adds {c1['p50_ms'] - bs1['p50_ms']:.2f} ms "
+                             f"(target <= {LATENCY_ALLOWANCE_MS:g} ms)"})
+    cn = next((r for r in rows if r["concurrency"] == BAR_CONCURRENCY), None)
+    if cn is not None and cn.get("images_per_s"):
+        target = THROUGHPUT_SHARE * best["img_per_s"]
+        share = cn["images_per_s"] / best["img_per_s"]
+        bars.append({"name": f"images/s at concurrency {BAR_CONCURRENCY} >= 80% of the engine's best offline batch",
+                     "measured": round(cn["images_per_s"], 1), "target": round(target, 1), "unit": "img/s",
+                     "met": cn["images_per_s"] >= target,
+                     "text": f"images/s at concurrency {BAR_CONCURRENCY}: {cn['images_per_s']:.0f}; engine alone at "
+                             f"its best batch ({best['batch']}): {best['img_per_s']:.0f} img/s, so "
+                             f"{share:.0%} (target >= {THROUGHPUT_SHARE:.0%})"})
+    return bars
+
+
 def run(args) -> int:
     if bool(args.addr) == bool(args.model or args.gallery):
         raise BadInput("target | pass either --addr HOST:PORT or --model EXP --gallery GAL")
@@ -350,8 +406,6 @@ def run(args) -> int:
     server = None
     started = None
     if args.model:
-        import shlex
-
         server = ChildServer(args.model, args.gallery, shlex.split(args.server_args))
         t0 = time.perf_counter()
         server.start()
@@ -361,8 +415,11 @@ def run(args) -> int:
         print(f"started {started['command']} in {started['startup_s']} s")
     else:
         addr = args.addr
+    baseline = None
     try:
         info = server_info(addr, token)
+        if server is not None and not args.no_baseline:
+            baseline = engine_baseline(args.model, shlex.split(args.server_args), info)
         rows = run_load(addr, images, args.concurrency, args.requests, args.seconds, args.k, args.rpc,
                         args.batch_items, args.channels, args.timeout, token, args.warmup)
     finally:
@@ -380,9 +437,16 @@ def run(args) -> int:
                                               "server": args.server_args or "server defaults"},
                             argv=getattr(args, "_argv", None))
     doc = {**meta, "config": config, "results": rows, "notes": notes}
+    if baseline is not None:
+        doc["engine_baseline"] = baseline
+        doc["bars"] = overhead_bars(rows, baseline)
+        notes.append("Bars compare with the engine timed alone in this run (same EXP, backend and threads, "
+                     "random uint8 input: no decoding, no gRPC), so both sides saw the same machine state.")
     print()
     head, trows = report_table(doc)
     print_table(head, trows)
+    for b in doc.get("bars", []):
+        print(f"bar: {b['text']} -> {'met' if b['met'] else 'NOT met'}")
     path = write_result(doc, args.out)
     print(f"wrote {path}")
     return 0

@@ -148,6 +148,32 @@ def test_exif_orientation_is_applied():
     assert arr[:30].mean() > 200 and arr[30:].mean() < 50  # white ends up on top
 
 
+def _photo(w: int, h: int) -> Image.Image:
+    """A smooth colour field with mild noise: JPEG-like content at any size."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 127 // (w + h)], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
+
+
+def test_large_jpegs_are_decoded_at_reduced_scale():
+    """Phone-size JPEGs use libjpeg's DCT scaling down to 2x the resize target; the crop barely moves."""
+    spec = PreprocessSpec(resize=64, crop=56)
+    big = _encode(_photo(1200, 900), "JPEG", quality=92)
+    assert decode_image(big).size == (1200, 900)
+    assert decode_image(big, min_side=128).size == (300, 225)  # 1/4: shorter side 225 >= 128, 1/8 would be 113
+    assert decode_image(big, min_side=500).size == (1200, 900)  # less than 2x the target: decoded whole
+    assert decode_image(_encode(_photo(1200, 900), "PNG"), min_side=128).size == (1200, 900)  # JPEG only
+    full = np.asarray(decode_image(big).resize((85, 64), Image.Resampling.BILINEAR)).astype(int)[4:60, 14:70]
+    fast = load_image(big, spec).astype(int)
+    assert np.abs(fast - full).mean() < 1.5  # same picture, resampled along a different path
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # portrait photo stored landscape, as phones do
+    rotated = decode_image(_encode(_photo(1200, 900), "JPEG", exif=exif), min_side=128)
+    assert rotated.size == (225, 300)
+
+
 @pytest.mark.parametrize(
     "data, match",
     [

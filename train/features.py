@@ -60,8 +60,8 @@ def collate(batch):
     return [idx[k] for k in good], x, [(idx[k], errs[k]) for k in range(len(batch)) if imgs[k] is None]
 
 
-# Bump when feature extraction changes meaning (a backbone fix), so stale caches are not reused.
-FEATURE_VERSION = 2
+# Bump when feature extraction changes meaning (a backbone fix, a preprocessing change), so stale caches are not reused.
+FEATURE_VERSION = 3
 
 
 def cache_key(samples: list[Sample], backbone: Backbone) -> str:
