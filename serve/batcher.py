@@ -8,9 +8,8 @@ their preprocessed images to ONE worker thread that stacks whatever is waiting (
 Waiting policy: Triton waits up to `max_queue_delay` for a batch to fill. Waiting when nothing
 else is on its way only adds latency, so here the worker waits (at most `max_delay_us` after the
 oldest item arrived) only while other requests hold a reserved slot, i.e. are still being
-decoded and will arrive shortly. A lone request is encoded at once — on the submitting thread
-itself when the worker is idle, which saves a thread hand-off; under load the batch fills from
-the queue that builds up while the previous batch runs.
+decoded and will arrive shortly. A lone request is encoded at once; under load the batch fills
+from the queue that builds up while the previous batch runs.
 
 Admission: callers `reserve()` a slot *before* decoding. When queued + reserved items reach
 `queue_size` the caller gets `Overloaded` (gRPC RESOURCE_EXHAUSTED) without spending CPU on
@@ -59,7 +58,6 @@ class BatchStats:
     items: int = 0
     dropped: int = 0
     rejected: int = 0
-    inline: int = 0  # batches of one encoded on the submitting thread (nothing else in flight)
 
 
 class Ticket:
@@ -122,8 +120,6 @@ class Batcher:
         self._reserved = 0
         self._cond = threading.Condition()
         self._closing = False
-        self._worker_idle = False
-        self._engine = threading.Lock()  # one encode at a time: the worker's or a lone caller's
         self.stats = BatchStats()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -162,20 +158,8 @@ class Batcher:
         item = _Item(image, deadline, fut, time.monotonic())
         with self._cond:
             self._reserved -= 1
-            # Alone (nothing queued, nobody else decoding, worker idle): encode on this thread
-            # instead of waking the worker: a thread hand-off costs 0.1-1 ms on a small busy host.
-            alone = not self._queue and self._reserved == 0 and self._worker_idle and not self._closing
-            if alone and self._engine.acquire(blocking=False):
-                self.stats.inline += 1
-            else:
-                alone = False
-                self._queue.append(item)
-                self._cond.notify_all()
-        if alone:
-            try:
-                self._infer([item])
-            finally:
-                self._engine.release()
+            self._queue.append(item)
+            self._cond.notify_all()
         return fut
 
     # ---- worker side -------------------------------------------------------------------
@@ -185,9 +169,7 @@ class Batcher:
             while not self._queue:
                 if self._closing and self._reserved == 0:
                     return None
-                self._worker_idle = True
                 self._cond.wait()
-                self._worker_idle = False
             batch = [self._queue.popleft()]
             until = batch[0].enqueued + self.max_delay_s
             while len(batch) < self.max_batch:
@@ -205,44 +187,39 @@ class Batcher:
             batch = self._collect()
             if batch is None:
                 return
-            with self._engine:
-                self._infer(batch)
-
-    def _infer(self, batch: list[_Item]) -> None:
-        """Encode one batch and resolve its futures (the caller holds the engine lock)."""
-        now = time.monotonic()
-        live: list[_Item] = []
-        for it in batch:
-            if not it.future.set_running_or_notify_cancel():
-                self.stats.dropped += 1  # cancelled: the client is gone
-            elif it.deadline is not None and now >= it.deadline:
-                self.stats.dropped += 1
-                waited = (now - it.enqueued) * 1e3
-                it.future.set_exception(Expired(f"request | deadline passed after {waited:.1f} ms in the queue"))
-            else:
-                live.append(it)
-        if not live:
-            return
-        t0 = time.perf_counter()
-        try:
-            images = np.stack([it.image for it in live])
-            out = self._encode(images)
-        except BaseException as e:  # noqa: BLE001 - every waiter must hear about it
-            if not isinstance(e, HashretError):
-                log.exception("inference failed on a batch of %d", len(live))
-            for it in live:
-                it.future.set_exception(e)
-            return
-        seconds = time.perf_counter() - t0
-        self.stats.batches += 1
-        self.stats.items += len(live)
-        for i, it in enumerate(live):
-            it.future.set_result(out[i])
-        if self._on_batch is not None:
+            now = time.monotonic()
+            live: list[_Item] = []
+            for it in batch:
+                if not it.future.set_running_or_notify_cancel():
+                    self.stats.dropped += 1  # cancelled: the client is gone
+                elif it.deadline is not None and now >= it.deadline:
+                    self.stats.dropped += 1
+                    waited = (now - it.enqueued) * 1e3
+                    it.future.set_exception(Expired(f"request | deadline passed after {waited:.1f} ms in the queue"))
+                else:
+                    live.append(it)
+            if not live:
+                continue
+            t0 = time.perf_counter()
             try:
-                self._on_batch(len(live), seconds)
-            except Exception:  # noqa: BLE001 - metrics must never stop inference
-                log.exception("on_batch callback failed")
+                images = np.stack([it.image for it in live])
+                out = self._encode(images)
+            except BaseException as e:  # noqa: BLE001 - every waiter must hear about it
+                if not isinstance(e, HashretError):
+                    log.exception("inference failed on a batch of %d", len(live))
+                for it in live:
+                    it.future.set_exception(e)
+                continue
+            seconds = time.perf_counter() - t0
+            self.stats.batches += 1
+            self.stats.items += len(live)
+            for i, it in enumerate(live):
+                it.future.set_result(out[i])
+            if self._on_batch is not None:
+                try:
+                    self._on_batch(len(live), seconds)
+                except Exception:  # noqa: BLE001 - metrics must never stop inference
+                    log.exception("on_batch callback failed")
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop admitting, let queued and reserved items finish, join the worker."""
