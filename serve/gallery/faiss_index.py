@@ -440,7 +440,8 @@ class FaissHNSWGallery(FaissGallery):
         index.hnsw.efSearch = max(self._opts["ef_search"], k)
 
     def _cheap_index(self, n_queries, k):
-        return n_queries * max(self._opts["ef_search"], k) <= 1024  # visited nodes, roughly
+        # efSearch 256 over 1M codes measured 0.3 ms per query here; wider searches go to a thread
+        return n_queries * max(self._opts["ef_search"], k) <= 256
 
     def _snapshot_blobs(self, gen: int) -> dict[str, bytes]:
         blobs = super()._snapshot_blobs(gen)
