@@ -178,12 +178,10 @@ def server_info(addr: str, token: str | None = None, timeout: float = 10.0) -> d
         return {"model_id": r.model_id, "backend": r.backend, "note": f"Info not fully decoded ({e})"}
 
 
-async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requests: int, seconds: float,
-                      k: int, rpc: str, batch_items: int, channels: int, timeout: float,
-                      token: str | None, warmup: int) -> dict[str, Any]:
+def open_channels(addr: str, channels: int, concurrency: int) -> tuple[list, list]:
+    """Up to `channels` (at most `concurrency`) grpc.aio channels, each its own TCP connection, and stubs."""
     import grpc
 
-    from serve._proto import retrieval_pb2 as pb
     from serve._proto import retrieval_pb2_grpc as pb_grpc
 
     opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
@@ -191,7 +189,18 @@ async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requ
             ("grpc.use_local_subchannel_pool", 1)]
     n_ch = max(1, min(channels, concurrency))
     chans = [grpc.aio.insecure_channel(addr, options=opts + [("grpc.channel_id", i)]) for i in range(n_ch)]
-    stubs = [pb_grpc.RetrievalStub(c) for c in chans]
+    return chans, [pb_grpc.RetrievalStub(c) for c in chans]
+
+
+async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requests: int, seconds: float,
+                      k: int, rpc: str, batch_items: int, channels: int, timeout: float,
+                      token: str | None, warmup: int) -> dict[str, Any]:
+    import grpc
+
+    from serve._proto import retrieval_pb2 as pb
+
+    chans, stubs = open_channels(addr, channels, concurrency)
+    n_ch = len(chans)
     md = (("authorization", f"Bearer {token}"),) if token else ()
     reqs = [pb.SearchRequest(image=img, k=k) for img in images]
 

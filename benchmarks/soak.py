@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.serve_load import load_images as _load_images
+from benchmarks.serve_load import open_channels
 from benchmarks.serve_load import synthetic_images  # noqa: F401  (re-exported: the tests build images with it)
 from hashret.errors import HashretError
 
@@ -256,13 +257,9 @@ async def _drive(addr: str, *, seconds: float, concurrency: int, mix: dict[str, 
     import grpc
 
     from serve._proto import retrieval_pb2 as pb
-    from serve._proto import retrieval_pb2_grpc as pb_grpc
 
-    opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
-            ("grpc.use_local_subchannel_pool", 1)]
-    n_ch = max(1, min(channels, concurrency))
-    chans = [grpc.aio.insecure_channel(addr, options=opts + [("grpc.channel_id", i)]) for i in range(n_ch)]
-    stubs = [pb_grpc.RetrievalStub(c) for c in chans]
+    chans, stubs = open_channels(addr, channels, concurrency)
+    n_ch = len(chans)
     md = (("authorization", f"Bearer {token}"),) if token else ()
     kinds, weights = list(mix), [mix[x] for x in mix]
     run_id = secrets.token_hex(4)
