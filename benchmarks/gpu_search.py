@@ -101,7 +101,7 @@ class CupySearcher:
             raise Unavailable("cupy-popc | needs --device cuda")
         self.cp = cp
         self.n, self.nb = db.shape
-        if self.nb % 8:
+        if self.nb % np.dtype(np.uint64).itemsize:  # scanned as whole 64-bit words
             raise BadInput(f"cupy-popc | needs bits a multiple of 64, got {self.nb * 8}")
         self.w = self.nb // 8
         self.db = cp.asarray(np.ascontiguousarray(db).view(np.uint64))  # [N, w]

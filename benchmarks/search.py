@@ -40,6 +40,7 @@ import numpy as np
 
 from benchmarks import machine
 from benchmarks.machine import add_out_arg, int_list, percentiles, print_table, str_list, write_result
+from hashret.codes import check_bits
 from hashret.errors import BadInput, Unavailable
 
 log = logging.getLogger("hashret.bench.search")
@@ -67,8 +68,7 @@ def make_codes(n: int, bits: int, data: str = "real", n_classes: int = 1000, noi
     """
     if data not in ("real", "random"):
         raise BadInput(f"--data {data!r} | unknown: choose real or random")
-    if bits % 8 or bits <= 0:
-        raise BadInput(f"--bits {bits} | not a positive multiple of 8: use e.g. 64")
+    check_bits(bits, "--bits")
     nb = bits // 8
     ss = np.random.SeedSequence(seed)
     proto_ss, gal_ss, q_ss = ss.spawn(3)

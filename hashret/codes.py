@@ -31,14 +31,18 @@ def _popcount_table(x: np.ndarray) -> np.ndarray:
 _popcount = getattr(np, "bitwise_count", _popcount_table)
 
 
-def _check_bits(bits, what: str = "codes") -> int:
-    """Validate a code length: a positive multiple of 8."""
+MIN_BITS, MAX_BITS = 8, 4096
+
+
+def check_bits(bits, what: str = "codes") -> int:
+    """The one code-length rule: a multiple of 8 (codes are packed into whole bytes, and FAISS
+    and Milvus binary vectors need it) between 8 and 4096. Returns the length as an int."""
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
         raise BadInput(f"{what} | bit count {bits!r} is not an integer: pass e.g. 32 or 64")
     bits = int(bits)
-    if bits <= 0 or bits % 8:
+    if not (MIN_BITS <= bits <= MAX_BITS) or bits % 8:
         raise BadInput(
-            f"{what} | {bits} bits is not a positive multiple of 8: "
+            f"{what} | {bits} bits is not a multiple of 8 between {MIN_BITS} and {MAX_BITS}: "
             "use a code length such as 16, 32, 48 or 64"
         )
     return bits
@@ -84,7 +88,7 @@ def pack(z_or_bits) -> np.ndarray:
         raise BadInput(
             f"codes | shape {b.shape} is not [N, bits]: reshape a single code to [1, bits]"
         )
-    _check_bits(b.shape[1])
+    check_bits(b.shape[1])
     return np.packbits(b, axis=1)
 
 
@@ -100,7 +104,7 @@ def check_packed(packed, bits: int | None = None, what: str = "codes") -> np.nda
     if p.shape[1] == 0:
         raise BadInput(f"{what} | have 0 bytes per code: pack codes of at least 8 bits")
     if bits is not None:
-        bits = _check_bits(bits, what)
+        bits = check_bits(bits, what)
         if p.shape[1] != bits // 8:
             raise BadInput(
                 f"{what} | have {p.shape[1]} bytes ({p.shape[1] * 8} bits) per code, "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hashret.codes import _as_words, _check_bits, check_packed, hamming, pack
+from hashret.codes import _as_words, check_bits, check_packed, hamming, pack
 from hashret.errors import BadInput
 
 # Query-chunk budget: chunk * N elements per [chunk, N] temporary (~25 bytes each).
@@ -290,7 +290,7 @@ def synthetic_codes(n: int, bits: int, n_classes: int, noise: float, seed: int =
         ok = False
     if not ok:
         raise BadInput(f"synthetic noise | {noise!r} is not in [0, 1]: pass a bit-flip probability")
-    bits = _check_bits(bits, "synthetic bits")
+    bits = check_bits(bits, "synthetic bits")
     rng = np.random.default_rng(seed)
     proto = rng.random((n_classes, bits)) < 0.5
     L = rng.integers(0, n_classes, size=n, dtype=np.int64)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hashret.codes import check_bits
 from hashret.errors import BadInput, MissingArtifact, Unavailable
 from hashret.images import PreprocessSpec
 from hashret.registry import Registry
@@ -166,8 +167,7 @@ class HashHead(nn.Module):
 
     def __init__(self, dim: int, bits: int, hidden: int = 1024, dropout: float = 0.2):
         super().__init__()
-        if bits < 8 or bits % 8:
-            raise BadInput(f"--bits {bits} | must be a positive multiple of 8 (codes are packed into bytes)")
+        bits = check_bits(bits, "--bits")
         layers: list[nn.Module] = []
         if hidden > 0:
             layers += [nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]

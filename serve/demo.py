@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hashret.codes import check_bits
 from hashret.errors import BadInput, HashretError, MissingArtifact
 
 GROCERY_REPO = "https://github.com/marcusklasson/GroceryStoreDataset"
@@ -498,8 +499,7 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput(f"--epochs {args.epochs} | must be at least 1")
     if args.concurrency < 1:
         raise BadInput(f"--concurrency {args.concurrency} | must be at least 1")
-    if args.bits < 8 or args.bits % 8:
-        raise BadInput(f"--bits {args.bits} | must be a positive multiple of 8")
+    check_bits(args.bits, "--bits")
 
     t_all = time.perf_counter()
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines are about CPU flags

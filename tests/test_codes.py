@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from hashret import codes
-from hashret.codes import binarize, check_packed, hamming, pack, to_signs, unpack
+from hashret.codes import binarize, check_bits, check_packed, hamming, pack, to_signs, unpack
 from hashret.errors import BadInput
 
 
@@ -67,8 +67,19 @@ def test_pack_matches_reference_and_roundtrips(bits):
 
 @pytest.mark.parametrize("bits", [12, 7, 33])
 def test_pack_bits_not_multiple_of_8(bits):
-    with pytest.raises(BadInput, match=f"{bits} bits is not a positive multiple of 8"):
+    with pytest.raises(BadInput, match=f"{bits} bits is not a multiple of 8 between 8 and 4096"):
         pack(np.ones((2, bits), np.float32))
+
+
+@pytest.mark.parametrize("bits", [0, -8, 4104, 12, True, 8.0, "64"])
+def test_check_bits_one_rule(bits):
+    with pytest.raises(BadInput, match="--bits"):
+        check_bits(bits, "--bits")
+
+
+@pytest.mark.parametrize("bits", [8, 64, np.int64(128), 4096])
+def test_check_bits_accepts(bits):
+    assert check_bits(bits) == int(bits)
 
 
 def test_pack_shape_errors():

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hashret.codes import pack
+from hashret.codes import check_bits, pack
 from hashret.datasets import FORMATS, SplitOptions, default_data_root, read_dataset
 from hashret.errors import BadInput
 from hashret.metrics import evaluate, mean_average_precision_cosine, pr_curve
@@ -255,8 +255,7 @@ def run(args) -> int:
 
 
 def _run(args, d, device: str, t0: float) -> int:
-    if args.bits < 8 or args.bits % 8:
-        raise BadInput(f"--bits {args.bits} | must be a positive multiple of 8 (codes are packed into bytes)")
+    check_bits(args.bits, "--bits")
     resolve_defaults(args)
     seed_everything(args.seed)
     root = args.data or default_data_root()

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import hashret
+from hashret.codes import check_bits
 from hashret.errors import ArtifactMismatch, BadInput, MissingArtifact, NotFound
 from hashret.fsutil import read_json, write_json_atomic
 from hashret.registry import Registry
@@ -44,15 +45,6 @@ def short_sha(sha: str) -> str:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def check_bits(bits: Any) -> int:
-    """Codes are whole bytes (np.packbits); FAISS and Milvus both need a multiple of 8."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not (
-        8 <= int(bits) <= 4096 and int(bits) % 8 == 0
-    ):
-        raise BadInput(f"bits {bits!r} | invalid: use a multiple of 8 between 8 and 4096 (e.g. 64)")
-    return int(bits)
 
 
 def new_manifest(bits: int, model_sha256: str, index: dict[str, Any]) -> dict[str, Any]:
