@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from hashret.errors import HashretError
 
 # name -> (module with add_args(parser) and run(args) -> int, one-line help, examples)
 BENCHMARKS: dict[str, tuple[str, str, str]] = {
@@ -44,6 +49,13 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
         "examples:\n  hashret bench gpu-search --sizes 10000000          # on a CUDA machine\n"
         "  hashret bench gpu-search --device cpu --sizes 20000 --methods torch-lut",
     ),
+    "snapshot": (
+        "benchmarks.snapshot_bench",
+        "FAISS gallery snapshots: WAL replay speed, how long writes wait, the 200,000-Upsert WAL bound",
+        "examples:\n  hashret bench snapshot --part replay\n"
+        "  hashret bench snapshot --part write-wait --size 1000000\n"
+        "  hashret bench snapshot --part upserts --upserts 200000     # minutes: a real server",
+    ),
     "report": (
         "benchmarks.report",
         "regenerate benchmarks/RESULTS.md and its plots from benchmarks/results/*.json",
@@ -71,20 +83,38 @@ def run(args: argparse.Namespace) -> int:
     return int(importlib.import_module(module).run(args) or 0)
 
 
+def standalone_parser(prog: str, doc: str | None,
+                      add_args: Callable[[argparse.ArgumentParser], object]) -> argparse.ArgumentParser:
+    """The parser of `python -m benchmarks.NAME`: the module's own flags, its docstring's first line."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.strip().splitlines()[0] if doc else None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return p
+
+
+def run_main(parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], int],
+             argv: Sequence[str] | None = None) -> int:
+    """Parse, run, and turn a HashretError into `error: ...` on stderr and its exit code.
+
+    The one `main()` of every benchmark that runs on its own, so `python -m benchmarks.X` answers
+    a bad input the way `hashret bench X` does instead of with a traceback.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parser.parse_args(None if argv is None else list(argv))
+    try:
+        return int(command(args) or 0)
+    except HashretError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.cli NAME ...` (the same as `hashret bench NAME ...`)."""
-    p = argparse.ArgumentParser(prog="hashret bench", description=__doc__.splitlines()[0])
-    add_args(p)
-    return run(p.parse_args(argv))
+    return run_main(standalone_parser("hashret bench", __doc__, add_args), run, argv)
 
 
 if __name__ == "__main__":
-    import sys
-
-    from hashret.errors import HashretError
-
-    try:
-        sys.exit(main())
-    except HashretError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    sys.exit(main())

@@ -7,9 +7,11 @@ host<->device copies are included on a GPU. Reported per (backend, batch): p50/p
 of one call, per-image latency, and images/s = B / mean latency. Backends that cannot run here
 are listed with the reason (package missing, no GPU, file not exported, ...).
 
-Threads: --threads N is passed to each backend's own thread option (torch `threads`, ONNX
-Runtime `intra_op_threads`, OpenVINO `threads`); 0 leaves each library's default. The thread
-counts in force are recorded per backend from the engine's describe() and torch.
+Backends are the engine registry's (hashret.engines.ENGINES), in registration order, so a newly
+registered backend is timed without touching this file. Threads: --threads N is passed as each
+backend's own thread option, named by its registry entry (torch `threads`, ONNX Runtime
+`intra_op_threads`, OpenVINO `threads`); 0 leaves each library's default. The thread counts in
+force are recorded per backend from the engine's describe() (the keys naming threads).
 """
 from __future__ import annotations
 
@@ -23,23 +25,28 @@ import numpy as np
 
 from benchmarks import machine
 from benchmarks.machine import add_out_arg, int_list, percentiles, print_table, str_list, write_result
+from hashret.cliargs import add_device_arg
 from hashret.errors import BadInput, HashretError
 
 log = logging.getLogger("hashret.bench.engine")
 
-# Preferred order in tables; backends registered later are appended.
-ORDER = ("torch", "ort", "ort-fp16", "ort-int8", "openvino", "openvino-int8", "tensorrt")
-# --threads N -> the backend's own option name
-THREAD_OPTION = {"torch": "threads", "ort": "intra_op_threads", "ort-fp16": "intra_op_threads",
-                 "ort-int8": "intra_op_threads", "openvino": "threads", "openvino-int8": "threads"}
 DEFAULT_BATCHES = "1,8,32,128"
 
 
 def all_backends() -> list[str]:
+    """Every registered backend, in registration order (the reference, torch, first)."""
     from hashret.engines import ENGINES
 
-    names = ENGINES.names()
-    return [b for b in ORDER if b in names] + [b for b in names if b not in ORDER]
+    return [name for name, _ in ENGINES.items()]
+
+
+def thread_options(backend: str, threads: int) -> dict[str, int]:
+    """--threads N as `backend`'s own option ({} for 0, an unregistered name, or no thread option)."""
+    from hashret.engines import ENGINES
+
+    if threads <= 0 or backend not in ENGINES:
+        return {}
+    return ENGINES.get(backend).thread_options(threads)
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -64,21 +71,13 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key.strip(), v
 
 
-def _threads_in_force(backend: str, eng) -> dict[str, Any]:
-    info: dict[str, Any] = {}
+def _threads_in_force(eng) -> dict[str, Any]:
+    """The thread counts the engine reports (each runner's describe() names its own)."""
     try:
         d = eng.describe()
-        info.update({k: v for k, v in d.items() if "thread" in k.lower()})
     except Exception:
-        pass
-    if backend == "torch":
-        import sys
-
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            info["torch_num_threads"] = torch.get_num_threads()
-            info["torch_interop_threads"] = torch.get_num_interop_threads()
-    return info
+        return {}
+    return {k: v for k, v in d.items() if "thread" in k.lower()}
 
 
 def _describe(eng) -> dict[str, Any]:
@@ -138,9 +137,7 @@ def run_engine_bench(exp: str | Path, backends: list[str], device: str = "cpu", 
                         files=sorted(((m.get("export") or {}).get("files") or {}).keys()))
     results, skipped = [], []
     for backend in backends:
-        opts = dict(options or {})
-        if threads > 0 and backend in THREAD_OPTION:
-            opts.setdefault(THREAD_OPTION[backend], threads)
+        opts = {**thread_options(backend, threads), **(options or {})}  # an explicit --option wins
         t0 = time.perf_counter()
         try:
             eng = opener(exp, backend, device, **opts)
@@ -155,7 +152,7 @@ def run_engine_bench(exp: str | Path, backends: list[str], device: str = "cpu", 
         load_s = time.perf_counter() - t0
         try:
             rows = time_batches(eng, size, list(batches), iters, warmup, max_seconds)
-            thr = _threads_in_force(backend, eng)
+            thr = _threads_in_force(eng)
             desc = _describe(eng)
         except Exception as e:
             skipped.append({"backend": backend, "device": device, "reason": f"failed while running: {type(e).__name__}: {e}"})
@@ -186,11 +183,10 @@ def run_engine_bench(exp: str | Path, backends: list[str], device: str = "cpu", 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("exp", metavar="EXP", help="export folder from `hashret export` (its manifest.json names the files)")
     p.add_argument("--backends", type=str_list, default=None, metavar="B,B",
-                   help="backends to time (default: every registered backend; those this machine or "
-                        "export cannot run are listed as skipped)")
-    p.add_argument("--device", default="cpu",
-                   help="device passed to every engine: cpu, cuda[:N]; for ort also tensorrt (the TensorRT EP) "
-                        "(default: cpu)")
+                   help=f"backends to time, from {', '.join(all_backends())} (default: every registered backend; "
+                        "those this machine or export cannot run are listed as skipped)")
+    add_device_arg(p, default="cpu",
+                   help="device passed to every engine: cpu, cuda[:N]; for ort also tensorrt (the TensorRT EP)")
     p.add_argument("--batches", type=int_list, default=int_list(DEFAULT_BATCHES), metavar="B,B",
                    help=f"batch sizes (default: {DEFAULT_BATCHES})")
     p.add_argument("--iters", type=int, default=20, help="timed calls per batch size (default: 20)")
@@ -198,8 +194,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="stop timing a batch size after this many seconds (at least 3 calls) (default: 20)")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads per engine (torch threads / ORT intra-op / OpenVINO threads); "
-                        "0 = each library's default (default: 0)")
+                   help="CPU threads per engine, passed as each backend's own thread option (torch threads / "
+                        "ORT intra-op / OpenVINO threads); 0 = each library's default (default: 0)")
     p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="engine option for every backend, repeatable, e.g. precision=fp32 or graph_batches= "
                         "(default: none)")
@@ -250,7 +246,11 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
 
 
 def run(args) -> int:
-    backends = args.backends or all_backends()
+    known = all_backends()
+    backends = args.backends or known
+    unknown = [b for b in backends if b not in known]
+    if unknown:
+        raise BadInput(f"--backends {','.join(unknown)} | unknown backend: choose from {', '.join(known)}")
     if min(args.batches) < 1 or args.iters < 1 or args.warmup < 0:
         raise BadInput("--batches/--iters/--warmup | need batch sizes >= 1, iters >= 1, warmup >= 0")
     out = run_engine_bench(args.exp, backends, args.device, args.batches, args.iters, args.warmup,

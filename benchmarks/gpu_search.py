@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks import machine, search
+from benchmarks.cli import run_main, standalone_parser
 from benchmarks.machine import add_out_arg, int_list, percentiles, print_table, str_list, write_result
+from hashret.cliargs import add_device_arg
 from hashret.errors import BadInput, HashretError, Unavailable
 
 log = logging.getLogger("hashret.bench.gpu_search")
@@ -250,7 +252,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int_list, default=[10, 100], metavar="K,K", help="neighbours (default: 10,100)")
     p.add_argument("--methods", type=str_list, default=list(METHODS), metavar="M,M",
                    help=f"from {', '.join(METHODS)} (default: all; unavailable ones are skipped)")
-    p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (torch methods only) (default: cuda)")
+    add_device_arg(p, default="cuda", help="cuda, cuda:N or cpu (torch methods only)")
     p.add_argument("--data", choices=("real", "random"), default="real",
                    help="codes with class structure, or uniform bits (default: real)")
     p.add_argument("--warmup", type=int, default=5, help="untimed searches first (default: 5)")
@@ -277,15 +279,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_search", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    try:
-        return run(p.parse_args(argv))
-    except HashretError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return run_main(standalone_parser("python -m benchmarks.gpu_search", __doc__, add_args), run, argv)
 
 
 if __name__ == "__main__":

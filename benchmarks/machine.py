@@ -279,8 +279,11 @@ def default_out(name: str) -> str:
 
 
 def add_out_arg(p, name: str) -> None:
-    p.add_argument("--out", default=default_out(name), metavar="FILE.json",
-                   help=f"where to write the results JSON (default: {default_out(name)})")
+    """`--out FILE.json` (the shared output flag) defaulting to benchmarks/results/NAME.json."""
+    from hashret.cliargs import add_output_args
+
+    add_output_args(p, metavar="FILE.json", default=default_out(name), help="where to write the results JSON",
+                    progress=False, title=None)
 
 
 def write_result(doc: dict[str, Any], out: str | os.PathLike) -> Path:

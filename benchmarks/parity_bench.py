@@ -27,6 +27,7 @@ from typing import Any
 
 from benchmarks import machine
 from benchmarks.machine import add_out_arg, int_list, print_table, str_list, write_result
+from hashret.cliargs import add_data_args, add_device_arg
 from hashret.errors import BadInput, HashretError, MissingArtifact
 
 log = logging.getLogger("hashret.bench.parity")
@@ -130,7 +131,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=20, help="training epochs per code length (default: 20)")
     g.add_argument("--method", default=None, help="training method, e.g. dch or hashnet (default: train's default)")
     g.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
-    g.add_argument("--data", default=None, metavar="DIR", help="dataset folder (default: $HASHRET_DATA)")
+    add_data_args(g, with_format=False)  # handed to `hashret train`, which resolves the default
     g.add_argument("--formats", default=None,
                    help="export formats (default: every format this machine can produce)")
     g.add_argument("--golden", type=int, default=256, help="golden-set images per export (default: 256)")
@@ -143,7 +144,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parity")
     g.add_argument("--backends", type=str_list, default=None, metavar="B,B",
                    help="backends to compare, name[:opt=v] as in export (default: those the export holds)")
-    g.add_argument("--device", default="cpu", help="device for the non-reference backends (default: cpu)")
+    add_device_arg(g, default="cpu", help="device for the non-reference backends")
     g.add_argument("--latency-runs", type=int, default=10, help="timed bs=1 encodes per backend (default: 10)")
     add_out_arg(p, "parity")
 

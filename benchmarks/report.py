@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import machine
+from benchmarks.cli import run_main, standalone_parser
+from hashret.cliargs import add_output_args
 
 log = logging.getLogger("hashret.bench.report")
 
@@ -31,6 +33,10 @@ TITLES = {
     "parity": "Export parity (mAP across backends and code lengths)",
     "gpu-search": "GPU brute-force Hamming search",
     "gpu": "GPU run (gpu.sh)",
+    "soak": "Soak: sustained mixed load, p99 and RSS over time",
+    "snapshot-replay": "Gallery snapshots: WAL replay speed at start",
+    "snapshot-write-wait": "Gallery snapshots: how long writes and searches wait (1M items)",
+    "snapshot-upserts": "Gallery snapshots: 200,000 Upserts keep the WAL bounded",
 }
 # benchmark -> module exposing report_table(doc) -> (head, rows) and optionally plot(doc, path)
 MODULES = {
@@ -39,6 +45,10 @@ MODULES = {
     "serve": "benchmarks.serve_load",
     "parity": "benchmarks.parity_bench",
     "gpu-search": "benchmarks.gpu_search",
+    "soak": "benchmarks.soak",
+    "snapshot-replay": "benchmarks.snapshot_bench",
+    "snapshot-write-wait": "benchmarks.snapshot_bench",
+    "snapshot-upserts": "benchmarks.snapshot_bench",
 }
 
 
@@ -248,8 +258,8 @@ def save_figure(fig, path: Path) -> bool:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default=DEFAULT_RESULTS, metavar="DIR",
                    help=f"folder of results JSONs (default: {DEFAULT_RESULTS})")
-    p.add_argument("--out", default=DEFAULT_OUT, metavar="FILE.md",
-                   help=f"markdown file to write (default: {DEFAULT_OUT})")
+    add_output_args(p, metavar="FILE.md", default=DEFAULT_OUT, help="markdown file to write", progress=False,
+                    title=None)
     p.add_argument("--plots", default="", metavar="DIR",
                    help="folder for PNG plots (default: RESULTS/plots)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (default: plots on)")
@@ -262,16 +272,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
-    add_args(p)
-    from hashret.errors import HashretError
-
-    try:
-        return run(p.parse_args(argv))
-    except HashretError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return run_main(standalone_parser("python -m benchmarks.report", __doc__, add_args), run, argv)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ Compared, on the same codes and queries:
 * ``numpy``      exact brute force: hashret.codes.hamming (XOR + popcount) + argpartition;
 * ``faiss-flat`` exact brute force: faiss.IndexBinaryFlat with counting k-selection (as the `faiss-flat` gallery);
 * ``faiss-hnsw`` approximate graph: faiss.IndexBinaryHNSW at one or more efSearch values;
-* ``milvus``     Milvus Lite (embedded, a local .db file), BIN_FLAT index, HAMMING metric.
+* ``milvus``     Milvus Lite (embedded, a local .db file), BIN_FLAT index, HAMMING metric;
+* any other gallery index kind registered in serve.gallery.INDEX_KINDS, through its gallery.
 
-The libraries are driven directly (no gallery wrapper: no ids, metadata or locks), so the
-numbers are the index's own cost; a gallery adds a little Python per hit on top.
+The kinds offered are numpy plus the index-kind registry, so a newly registered kind is
+benchmarked without an edit here. The four above drive their libraries directly (no gallery
+wrapper: no ids, metadata or locks), so the numbers are the index's own cost; a gallery adds a
+little Python per hit on top, which is what a kind without a direct driver is measured with.
 
 Figures per (kind, size, k): one-query-at-a-time latency (p50/p90/p99 over --queries queries
 after --warmup), batch latency (all queries in one call, median of --batch-repeats), recall@k
@@ -20,9 +23,9 @@ exact distance is an equally right answer. For one query with exact sorted dista
 recall = (#returned with true distance < e_k + min(#returned at e_k, #exact at e_k)) / k,
 with true distances recomputed from the codes (an engine cannot score by misreporting).
 
-Data: ``real`` draws gallery-like codes with class structure (class prototypes with bits flipped
-with probability --noise, the model of hashret.metrics.synthetic_codes, generated in chunks so
-10M codes fit in memory); queries are fresh draws from the same classes. ``random`` is uniform bits.
+Data: ``real`` draws gallery-like codes with class structure: hashret.metrics.synthetic_codes
+(class prototypes with bits flipped with probability --noise), drawn in chunks so 10M codes fit in
+memory; the queries are further draws from the same classes. ``random`` is uniform bits.
 """
 from __future__ import annotations
 
@@ -42,17 +45,24 @@ from benchmarks import machine
 from benchmarks.machine import add_out_arg, int_list, percentiles, print_table, str_list, write_result
 from hashret.codes import check_bits
 from hashret.errors import BadInput, Unavailable
+from hashret.metrics import synthetic_codes
 
 log = logging.getLogger("hashret.bench.search")
 
-KINDS = ("numpy", "faiss-flat", "faiss-hnsw", "milvus")
+BASELINE = "numpy"  # exact brute force without any index: the reference every kind is timed against
 DEFAULT_SIZES = "100000,1000000"
-DEFAULT_KINDS = ",".join(KINDS)
 MILVUS_MAX = 100_000
 HNSW_MAX = 2_000_000
 BAR = {"name": "FAISS flat over 1M 64-bit codes, one query at a time, 1 thread",
        "kind": "faiss-flat", "size": 1_000_000, "bits": 64, "threads": 1, "target_ms": 1.0,
        "previous_ms": 0.68}
+
+
+def all_kinds() -> tuple[str, ...]:
+    """numpy, then every registered gallery index kind in registration order."""
+    from serve.gallery import INDEX_KINDS
+
+    return (BASELINE, *(name for name, _ in INDEX_KINDS.items()))
 
 
 # --------------------------------------------------------------------------- data
@@ -62,32 +72,18 @@ def make_codes(n: int, bits: int, data: str = "real", n_classes: int = 1000, noi
                seed: int = 0, n_queries: int = 0, chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
     """Gallery codes uint8 [n, bits//8] and query codes uint8 [n_queries, bits//8].
 
-    ``real``: prototype per class (uniform bits), each code = prototype of a uniform class with
-    each bit flipped w.p. `noise` (queries: independent draws of the same model). ``random``:
-    uniform bits. Generated `chunk` rows at a time (float32 draws), so memory stays ~n*bits/8.
+    ``real``: hashret.metrics.synthetic_codes, `chunk` rows at a time so memory stays ~(n+Q)*bits/8;
+    the queries are its first rows and the gallery the rest, so the queries do not depend on `n`
+    and a smaller gallery is a prefix of a larger one. ``random``: uniform bits.
     """
     if data not in ("real", "random"):
         raise BadInput(f"--data {data!r} | unknown: choose real or random")
     check_bits(bits, "--bits")
-    nb = bits // 8
-    ss = np.random.SeedSequence(seed)
-    proto_ss, gal_ss, q_ss = ss.spawn(3)
-    proto = np.random.default_rng(proto_ss).random((n_classes, bits)) < 0.5
-
-    def draw(count: int, s: np.random.SeedSequence) -> np.ndarray:
-        rng = np.random.default_rng(s)
-        out = np.empty((count, nb), np.uint8)
-        for a in range(0, count, chunk):
-            b = min(count, a + chunk)
-            if data == "random":
-                out[a:b] = rng.integers(0, 256, size=(b - a, nb), dtype=np.uint8)
-            else:
-                labels = rng.integers(0, n_classes, size=b - a)
-                flips = rng.random((b - a, bits), dtype=np.float32) < np.float32(noise)
-                out[a:b] = np.packbits(proto[labels] ^ flips, axis=1)
-        return out
-
-    return draw(n, gal_ss), draw(n_queries, q_ss)
+    if data == "random":
+        codes = np.random.default_rng(seed).integers(0, 256, size=(n_queries + n, bits // 8), dtype=np.uint8)
+    else:
+        codes, _ = synthetic_codes(n_queries + n, bits, n_classes, noise, seed, chunk=chunk)
+    return codes[n_queries:], codes[:n_queries]
 
 
 def _popcount_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -208,6 +204,13 @@ class FaissFlatSearcher(Searcher):
         return int(self.index.ntotal * self.index.code_size)
 
 
+def hnsw_default(option: str) -> int:
+    """The faiss-hnsw gallery's default for `option` (M, ef_construction, ef_search)."""
+    from serve.gallery import INDEX_KINDS
+
+    return int(INDEX_KINDS.get("faiss-hnsw").OPTIONS[option][0])
+
+
 class FaissHNSWSearcher(Searcher):
     kind = "faiss-hnsw"
     shown = ("ef_search",)
@@ -284,17 +287,65 @@ class MilvusSearcher(Searcher):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+class GallerySearcher(Searcher):
+    """A registered index kind without a direct driver, through its own gallery in a temp folder.
+
+    Ids are the row numbers as strings; the timings include the gallery's checks, lock and
+    per-hit Python, so they sit a little above the library's own cost.
+    """
+
+    BATCH = 10_000  # rows per upsert: each is one durable write
+
+    def __init__(self, bits: int, kind: str, **params: Any):
+        super().__init__(bits, **params)
+        self.kind = kind
+        self.tmp: Path | None = None
+        self.gallery = None
+
+    def build(self, db):
+        from serve.gallery import create_gallery
+
+        self.tmp = Path(tempfile.mkdtemp(prefix="hashret-bench-gallery-"))
+        self.gallery = create_gallery(self.tmp / "gal", self.kind, self.bits, "benchmark", **self.params)
+        for a in range(0, len(db), self.BATCH):
+            b = min(len(db), a + self.BATCH)
+            self.gallery.upsert([str(i) for i in range(a, b)], db[a:b])
+        self.n = len(db)
+
+    def search(self, queries, k):
+        k = min(k, self.n)
+        out = np.full((len(queries), k), -1, np.int64)
+        for r, hits in enumerate(self.gallery.search(queries, k)):
+            ids = [int(h.id) for h in hits][:k]
+            out[r, :len(ids)] = ids
+        return out
+
+    def extra_memory(self):
+        disk = sum(f.stat().st_size for f in self.tmp.rglob("*") if f.is_file()) if self.tmp else 0
+        return {"disk_bytes": disk}
+
+    def close(self):
+        try:
+            if self.gallery is not None:
+                self.gallery.close()
+        finally:
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# kinds whose library is driven directly; every other registered kind goes through its gallery
+DIRECT = {"numpy": NumpySearcher, "faiss-flat": FaissFlatSearcher, "milvus": MilvusSearcher}
+
+
 def make_searcher(kind: str, bits: int, args) -> Searcher:
-    if kind == "numpy":
-        return NumpySearcher(bits)
-    if kind == "faiss-flat":
-        return FaissFlatSearcher(bits)
     if kind == "faiss-hnsw":
         return FaissHNSWSearcher(bits, M=args.hnsw_m, ef_construction=args.hnsw_ef_construction,
                                  ef_search=args.hnsw_ef_search[0])
-    if kind == "milvus":
-        return MilvusSearcher(bits)
-    raise BadInput(f"--kinds {kind!r} | unknown: choose from {', '.join(KINDS)}")
+    if kind in DIRECT:
+        return DIRECT[kind](bits)
+    if kind in all_kinds():
+        return GallerySearcher(bits, kind)
+    raise BadInput(f"--kinds {kind!r} | unknown: choose from {', '.join(all_kinds())}")
 
 
 # --------------------------------------------------------------------------- timing
@@ -354,14 +405,20 @@ def time_searcher(s: Searcher, queries: np.ndarray, db: np.ndarray, k: int, exac
     }
 
 
-def run_search_bench(sizes, bits: int = 64, n_queries: int = 100, ks=(10, 100), kinds=KINDS,
+def run_search_bench(sizes, bits: int = 64, n_queries: int = 100, ks=(10, 100), kinds=None,
                      data: str = "real", args=None, progress=print) -> dict[str, Any]:
-    """Run every kind x size x k; returns {"config", "results", "skipped", "bars", "notes"}."""
+    """Run every kind x size x k (default: all_kinds()).
+
+    Returns {"config", "results", "skipped", "bars", "notes"}.
+    """
     a = args
+    kinds = list(kinds) if kinds else list(all_kinds())
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     notes = [
         "Libraries driven directly (no gallery wrapper): the index's own cost.",
+        *(f"{k} has no direct driver: measured through its gallery (checks, lock and per-hit Python included)."
+          for k in kinds if k not in DIRECT and k != "faiss-hnsw"),
         "recall = tie-aware recall@k against exact brute force (any item at the k-th exact distance counts).",
         f"per_query: one query per call, after {a.warmup} warm-up queries; batch: all {n_queries} "
         f"queries in one call, median of {a.batch_repeats}.",
@@ -451,8 +508,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queries", type=int, default=100, help="number of query codes (default: 100)")
     p.add_argument("--k", type=int_list, default=[10, 100], metavar="K,K",
                    help="neighbours per query, comma-separated (default: 10,100)")
-    p.add_argument("--kinds", type=str_list, default=list(KINDS), metavar="KIND,KIND",
-                   help=f"engines to compare, from {', '.join(KINDS)} (default: {DEFAULT_KINDS})")
+    kinds = all_kinds()
+    p.add_argument("--kinds", type=str_list, default=list(kinds), metavar="KIND,KIND",
+                   help=f"engines to compare: numpy and the gallery index kinds, from {', '.join(kinds)} "
+                        f"(default: {','.join(kinds)})")
     p.add_argument("--data", choices=("real", "random"), default="real",
                    help="real: gallery-like codes with class structure; random: uniform bits (default: real)")
     p.add_argument("--classes", type=int, default=1000, help="classes of the 'real' codes (default: 1000)")
@@ -466,9 +525,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=5, help="warm-up queries before timing (default: 5)")
     p.add_argument("--batch-repeats", type=int, default=3,
                    help="repeats of the all-queries-in-one-call timing; the median is kept (default: 3)")
-    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree M (default: 32, as the gallery)")
-    p.add_argument("--hnsw-ef-construction", type=int, default=64,
-                   help="HNSW efConstruction (default: 64, as the gallery)")
+    m, efc = hnsw_default("M"), hnsw_default("ef_construction")
+    p.add_argument("--hnsw-m", type=int, default=m, help=f"HNSW graph degree M (default: {m}, as the gallery)")
+    p.add_argument("--hnsw-ef-construction", type=int, default=efc,
+                   help=f"HNSW efConstruction (default: {efc}, as the gallery)")
     p.add_argument("--hnsw-ef-search", type=int_list, default=[16, 64, 256], metavar="EF,EF",
                    help="HNSW efSearch values, one result row each: the recall/latency curve (default: 16,64,256)")
     p.add_argument("--milvus-max", type=int, default=MILVUS_MAX,
@@ -479,9 +539,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _validate(a) -> None:
-    unknown = [k for k in a.kinds if k not in KINDS]
+    kinds = all_kinds()
+    unknown = [k for k in a.kinds if k not in kinds]
     if unknown:
-        raise BadInput(f"--kinds {','.join(unknown)} | unknown: choose from {', '.join(KINDS)}")
+        raise BadInput(f"--kinds {','.join(unknown)} | unknown: choose from {', '.join(kinds)}")
     if not a.sizes or min(a.sizes) < 1:
         raise BadInput("--sizes | need positive gallery sizes, e.g. 100000,1000000")
     if a.queries < 1 or not a.k or min(a.k) < 1:

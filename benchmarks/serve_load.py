@@ -357,16 +357,16 @@ BAR_CONCURRENCY = 16
 def engine_baseline(model: str, server_args: list[str], info: dict[str, Any], images: list[bytes]) -> dict[str, Any]:
     """Time the server's own engine (same EXP, backend, device, threads) offline, right now."""
     from benchmarks.engine import run_engine_bench
+    from serve.cli import add_args as add_serve_args
 
+    # The server's own parser, so its defaults (backend, device, engine threads) are the ones in force.
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--backend", default="ort")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--engine-threads", type=int, default=0)
-    known, _ = p.parse_known_args(server_args)
+    add_serve_args(p)
+    known, _ = p.parse_known_args(["--model", model, "--gallery", "-", *server_args])
     backend = str(info.get("backend", known.backend)).split(" ")[0] or known.backend
     print(f"engine baseline: {backend} on {known.device}, batch 1, 8, 32, 64 (the server is idle meanwhile)")
     out = run_engine_bench(model, [backend], known.device, batches=(1, 8, 32, 64), iters=40, warmup=5,
-                           threads=known.engine_threads, max_seconds=10.0,
+                           threads=known.engine_threads or 0, max_seconds=10.0,
                            progress=lambda m: print(f"  {m.strip()}"))
     out["decode"] = decode_cost(model, images)
     print(f"  decode + resize + crop: {out['decode']['ms_per_image']:.3f} ms per image on one thread")

@@ -12,7 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from hashret.engines import ENGINES, model_id
+from hashret.cliargs import add_engine_args
+from hashret.engines import model_id
 from hashret.errors import ArtifactMismatch
 from hashret.manifest import load_manifest, verify_file
 
@@ -30,9 +31,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                 "256-image golden set moves by ~0.01 from a handful of flips: gate them with e.g. "
                 "--max-bit-flip 0.01 --max-map-drop 0.02.")
     p.add_argument("exp", metavar="EXP", help="export folder written by `hashret export`")
-    p.add_argument("--backend", default="ort", choices=ENGINES.names(),
-                   help="engine that re-encodes the golden set (default: ort)")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda for GPU backends (default: cpu)")
+    add_engine_args(p, title=None, default_backend="ort", backend_help="engine that re-encodes the golden set",
+                    device_help="cpu, or cuda for GPU backends")
     p.add_argument("--max-bit-flip", type=float, default=DEFAULT_MAX_BIT_FLIP,
                    help=f"largest allowed share of code bits that differ from the reference (default: {DEFAULT_MAX_BIT_FLIP})")
     p.add_argument("--max-map-drop", type=float, default=DEFAULT_MAX_MAP_DROP,

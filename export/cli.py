@@ -2,8 +2,10 @@
 
 EXP holds model.onnx (the source of every other format), the optional INT8 / FP16 / TensorRT
 / Triton artifacts, model.pt (for the torch backend), golden.npz (for `hashret check`),
-parity.json and a manifest listing every file's sha256. Steps run in dependency order; a format
-this machine cannot produce is skipped (when defaulted) or refused (when asked for).
+parity.json and a manifest listing every file's sha256. `_run` is the list of steps; the
+formats come from the table in export/formats.py, whose rows carry their own flags and build
+step, so nothing here names a format. A format this machine cannot produce is skipped (when
+defaulted) or refused (when asked for).
 """
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ import logging
 import time
 from pathlib import Path
 
-from hashret.errors import BadInput, Unavailable
+from hashret.cliargs import add_data_args, add_output_args
+from hashret.errors import BadInput
 from hashret.fsutil import atomic_write
 from hashret.images import PreprocessSpec
 from hashret.manifest import file_entry, load_manifest, now_iso, versions, write_manifest
 
 from export import formats as F
-from export.onnx_format import DEFAULT_OPSET, INPUT, OUTPUT
+from export.job import ExportJob
+from export.onnx_format import INPUT, OUTPUT
 
 TOOLS = ("onnx", "onnxruntime", "openvino", "onnxslim", "onnxscript", "tensorrt")
 
@@ -31,21 +35,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "  hashret export runs/dch64 --formats onnx,onnx-int8 --calib 128 --out exports/dch64\n"
         "then: hashret check exports/dch64 --backend ort")
     p.add_argument("run", metavar="RUN", help="training run folder (manifest.json + model.pt) from `hashret train`")
-    p.add_argument("--out", metavar="EXP", help="export folder to write (default: RUN-export beside RUN)")
+    add_output_args(p, metavar="EXP", help="export folder to write (default: RUN-export beside RUN)",
+                    progress=False, title=None)
     p.add_argument("--formats", metavar="LIST",
-                   help="comma-separated formats, see below (default: every format this machine can produce; "
-                        "the others are listed as skipped)")
-    g = p.add_argument_group("data (INT8 calibration, golden set, parity)")
-    g.add_argument("--data", metavar="DIR", help="dataset location (default: the run's dataset.root, else HASHRET_DATA)")
-    g.add_argument("--format", dest="data_format", metavar="FMT",
-                   help="dataset format: grocery, digix, folder or csv (default: the run's)")
-    g.add_argument("--calib", type=int, default=256, metavar="N",
-                   help="training images used to calibrate INT8 scales (default: 256)")
-    g.add_argument("--calib-method", default="minmax", choices=("minmax", "percentile", "entropy"),
-                   help="how INT8 activation ranges are chosen (default: minmax)")
-    g.add_argument("--int8-exclude", default="hash-layer", choices=("hash-layer", "head", "none"),
-                   help="layers kept in float in the INT8 model: only the final hash layer and tanh, the "
-                        "whole hash head, or none (default: hash-layer)")
+                   help=f"comma-separated formats among {F.names_text()}, see below (default: every format "
+                        "this machine can produce; the others are listed as skipped)")
+    g = add_data_args(p, title="data (INT8 calibration, golden set, parity)", default_format=None,
+                      format_dest="data_format",
+                      data_help="dataset location (default: the run's dataset.root, else HASHRET_DATA)")
     g.add_argument("--golden", type=int, default=256, metavar="N",
                    help="images in golden.npz, the regression set `hashret check` uses; 0 skips it (default: 256)")
     g.add_argument("--parity-queries", type=int, default=500, metavar="N",
@@ -55,22 +52,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latency-runs", type=int, default=20, metavar="N",
                    help="timed bs=1 runs per backend in the parity table (default: 20)")
     g.add_argument("--no-parity", action="store_true", help="skip the parity table (default: run it)")
-    o = p.add_argument_group("ONNX")
-    o.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
-    o.add_argument("--exporter", default="auto", choices=("auto", "dynamo", "legacy"),
-                   help="torch.onnx exporter: auto tries dynamo then legacy (default: auto)")
-    o.add_argument("--no-slim", action="store_true", help="skip onnxslim (default: slim when outputs stay identical)")
-    t = p.add_argument_group("TensorRT and Triton (batch profile)")
+    F.add_format_args(p)
+    # the batch range every batched artifact accepts (TensorRT profile, Triton max_batch_size)
+    t = F.arg_group(p, F.BATCH_GROUP)
     t.add_argument("--min-batch", type=int, default=1, help="smallest batch the engine accepts (default: 1)")
     t.add_argument("--opt-batch", type=int, default=8, help="batch TensorRT tunes for; Triton's preferred (default: 8)")
     t.add_argument("--max-batch", type=int, default=64, help="largest batch; Triton's max_batch_size (default: 64)")
-    t.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace in GiB (default: 4)")
-    t.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache to reuse and update (default: none)")
-    t.add_argument("--tensorrt-precision", default="fp16", choices=("fp16", "fp32"),
-                   help="TensorRT engine precision (default: fp16)")
-    t.add_argument("--triton-name", default="hashret", help="Triton model name (default: hashret)")
-    t.add_argument("--triton-kind", default="gpu", choices=("gpu", "cpu"),
-                   help="Triton instance kind for the ONNX model (default: gpu)")
 
 
 def _say(msg: str) -> None:
@@ -91,32 +78,15 @@ def quiet_third_party():
         root.setLevel(old)
 
 
-def select_formats(text: str | None) -> tuple[list[F.Format], dict[str, str]]:
-    """Explicit formats must all be producible (Unavailable otherwise); by default, skip those that are not."""
-    if text:
-        chosen = F.parse_formats(text)
-        for f in chosen:
-            why = F.unavailable_reason(f)
-            if why:
-                raise Unavailable(f"format {f.name} | cannot be produced on this machine: {why}")
-        return chosen, {}
-    chosen, skipped = [], {}
-    for f in F.FORMATS:
-        why = F.unavailable_reason(f)
-        if why:
-            skipped[f.name] = why
-        else:
-            chosen.append(f)
-    return chosen, skipped
-
-
-def _check_batches(args) -> None:
+def check_args(args: argparse.Namespace) -> None:
     if not 1 <= args.min_batch <= args.opt_batch <= args.max_batch:
         raise BadInput(f"--min-batch/--opt-batch/--max-batch | need 1 <= {args.min_batch} <= {args.opt_batch} "
                        f"<= {args.max_batch}")
-    for name in ("calib", "golden", "parity_queries", "parity_database", "latency_runs"):
+    for name in ("golden", "parity_queries", "parity_database", "latency_runs"):
         if getattr(args, name) < 0:
-            raise BadInput(f"--{name.replace('_', '-')} {getattr(args, name)} | must not be negative")
+            flag = "--" + name.replace("_", "-")
+            raise BadInput(f"{flag} {getattr(args, name)} | must not be negative: pass 0 or more")
+    F.check_format_args(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,161 +95,151 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from hashret.models import WEIGHTS_FILE, load_encoder
-
     t0 = time.time()
-    _check_batches(args)
+    job = open_job(args)
+    find_images(job)
+    build_formats(job)
+    copy_weights_and_golden(job)
+    manifest = write_export_manifest(job)
+    from hashret.engines import model_id
+
+    _say(f"wrote {job.exp} ({len(manifest['export']['files'])} files, model id {model_id(manifest)[:12]}) "
+         f"in {time.time() - t0:.0f} s")
+    parity_table(job)
+    return 0
+
+
+def open_job(args: argparse.Namespace) -> ExportJob:
+    """Check the flags, read RUN, choose the formats and create EXP; refusals come before any work."""
+    from hashret.models import load_encoder
+
+    check_args(args)
     run_dir = Path(args.run)
     m = load_manifest(run_dir, kind=("run", "export"))
     exp = Path(args.out) if args.out else run_dir.parent / f"{run_dir.name}-export"
     if exp.resolve() == run_dir.resolve():
         raise BadInput(f"--out {exp} | is the RUN folder itself: choose another folder")
-    chosen, skipped = select_formats(args.formats)
-    names = [f.name for f in chosen]
+    chosen, skipped = F.select_formats(args.formats)
     for name, why in skipped.items():
         _say(f"skipped {name}: {why}")
     encoder, _ = load_encoder(run_dir)
-    spec = PreprocessSpec.from_dict(m["preprocessing"])
-    bits = int(m["bits"])
+    job = ExportJob(args=args, run_dir=run_dir, exp=exp, run_manifest=m, encoder=encoder,
+                    spec=PreprocessSpec.from_dict(m["preprocessing"]), bits=int(m["bits"]), chosen=chosen,
+                    skipped=skipped)
     exp.mkdir(parents=True, exist_ok=True)
-    produced: dict[str, dict] = {}
-    extra_files: list[str] = []
+    return job
 
-    from export.data import calibration_images, run_splits
 
-    splits = None
-    if "onnx-int8" in names or args.golden > 0:
-        # calibration and the golden set need images; without them only a defaulted INT8 is dropped
-        required = args.golden > 0 or bool(args.formats)
-        splits = run_splits(m, args.data, args.data_format, required=required)
-        if splits is None:
-            names.remove("onnx-int8")
-            skipped["onnx-int8"] = "no dataset reachable for calibration (pass --data DIR --format FMT)"
-            _say(f"skipped onnx-int8: {skipped['onnx-int8']}")
+def find_images(job: ExportJob) -> None:
+    """The run's dataset, for the golden set and the formats whose build reads images (INT8
+    calibration). Without one, formats that were only defaulted are skipped (with those built
+    from them); a golden set or a format asked for by name makes it an error."""
+    from export.data import run_splits
 
-    step, last = 0, [time.time()]
-    total = len(names) + 2  # + weights/golden + manifest
+    needing = [f for f in job.chosen if f.needs_data]
+    if not needing and job.args.golden <= 0:
+        return
+    required = job.args.golden > 0 or bool(job.args.formats)
+    job.splits = run_splits(job.run_manifest, job.args.data, job.args.data_format, required=required)
+    if job.splits is not None:
+        return
+    for f in list(job.chosen):
+        if f.needs_data:
+            why = f"no dataset reachable for {f.needs_data} (pass --data DIR --format FMT)"
+        else:
+            why = next((f"built from {a}, which is skipped" for a in f.after if a in job.skipped), None)
+        if why:
+            job.chosen.remove(f)
+            job.skipped[f.name] = why
+            _say(f"skipped {f.name}: {why}")
 
-    def stage(what: str) -> None:
-        nonlocal step
-        if step:
-            _say(f"      done in {time.time() - last[0]:.1f} s")
-        step += 1
-        last[0] = time.time()
-        _say(f"[{step}/{total}] {what}")
 
-    from export.onnx_format import onnx_from_run
+def build_formats(job: ExportJob) -> None:
+    """Each chosen row's build step, in table order (a row's sources come before it)."""
+    job.total_steps = len(job.chosen) + 2  # + weights/golden + manifest
+    for f in job.chosen:
+        job.stage(f"{f.name}: {f.step or 'building ' + f.file}")
+        if not job.has(f.name):  # an earlier step may have required it already
+            job.build(f)
 
-    stage(f"onnx: exporting {m['backbone']['name']} ({bits} bits) to {exp / 'model.onnx'}")
-    produced["onnx"] = onnx_from_run(run_dir, exp / "model.onnx", args.opset, exporter=args.exporter,
-                                     slim=not args.no_slim, encoder=encoder)
-    if "onnx-int8" in names:
-        from export.data import batches
-        from export.int8 import int8_from_onnx
 
-        stage(f"onnx-int8: calibrating on {args.calib} training images")
-        calib = calibration_images(splits, spec, args.calib)
-        produced["onnx-int8"] = int8_from_onnx(exp / "model.onnx", exp / "model.int8.onnx", list(batches(calib, 16)),
-                                               exclude=args.int8_exclude, method=args.calib_method)
-        produced["onnx-int8"]["calibration_images"] = int(len(calib))
-    if "onnx-fp16" in names:
-        from export.fp16 import fp16_from_onnx
+def copy_weights_and_golden(job: ExportJob) -> None:
+    """model.pt (the torch backend's file) and golden.npz (what `hashret check` re-encodes)."""
+    from hashret.models import WEIGHTS_FILE
 
-        stage("onnx-fp16: converting")
-        produced["onnx-fp16"] = fp16_from_onnx(exp / "model.onnx", exp / "model.fp16.onnx")
-    if "tensorrt" in names:
-        from export.tensorrt import engine_from_onnx, source_onnx_for
-        from hashret.engines.tensorrt_engine import import_tensorrt
-
-        trt = import_tensorrt()
-        src, strongly = source_onnx_for(args.tensorrt_precision, exp, trt)
-        if src.name == "model.fp16.onnx" and "onnx-fp16" not in names:  # TensorRT 11 builds from it
-            from export.fp16 import fp16_from_onnx
-
-            produced["onnx-fp16"] = fp16_from_onnx(exp / "model.onnx", src)
-            extra_files.append(src.name)
-        stage(f"tensorrt: building a {args.tensorrt_precision} engine from {src.name} (minutes)")
-        produced["tensorrt"] = engine_from_onnx(
-            src, exp / "model.plan", precision=args.tensorrt_precision, strongly_typed=strongly,
-            min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
-            workspace_gb=args.workspace_gb, timing_cache=args.timing_cache)
-        extra_files.append("engine.json")
-    if "triton" in names:
-        from export.triton import triton_from_exp
-
-        stage("triton: writing the model repository")
-        tfiles = triton_from_exp(exp, size=spec.crop, bits=bits, name=args.triton_name, max_batch=args.max_batch,
-                                 opt_batch=args.opt_batch, kind="KIND_GPU" if args.triton_kind == "gpu" else "KIND_CPU",
-                                 with_plan="tensorrt" in names)
-        produced["triton"] = {"files": tfiles, "model_name": args.triton_name}
-        extra_files += tfiles
-
-    stage("model.pt and golden set")
-    src_weights = run_dir / m.get("weights", WEIGHTS_FILE)
-    if src_weights.resolve() != (exp / WEIGHTS_FILE).resolve():
-        atomic_write(exp / WEIGHTS_FILE, lambda f: f.write(src_weights.read_bytes()))
-    golden_info = None
-    if args.golden > 0:
+    job.stage("model.pt and golden set")
+    src_weights = job.run_dir / job.run_manifest.get("weights", WEIGHTS_FILE)
+    if src_weights.resolve() != job.path(WEIGHTS_FILE).resolve():
+        atomic_write(job.path(WEIGHTS_FILE), lambda f: f.write(src_weights.read_bytes()))
+    if job.args.golden > 0:
         from export.golden import GOLDEN, golden_from_run
 
-        golden_info = golden_from_run(encoder, spec, splits, exp / GOLDEN, n=args.golden)
-        extra_files.append(GOLDEN)
-        _say(f"  golden.npz: {golden_info['n']} images ({golden_info['queries']} queries), torch mAP@all "
-             f"{golden_info['mAP@all']:.4f}, mAP@10 {golden_info['mAP@10']:.4f}")
+        job.golden = g = golden_from_run(job.encoder, job.spec, job.splits, job.path(GOLDEN), n=job.args.golden)
+        job.wrote(GOLDEN)
+        _say(f"  golden.npz: {g['n']} images ({g['queries']} queries), torch mAP@all "
+             f"{g['mAP@all']:.4f}, mAP@10 {g['mAP@10']:.4f}")
+    job.wrote(WEIGHTS_FILE)
 
-    stage("manifest")
-    listed = [F.get(n).file for n in names if n != "triton"] + extra_files + [WEIGHTS_FILE]
-    files = {f: file_entry(exp / f) for f in dict.fromkeys(listed)}
-    h = w = spec.crop
+
+def write_export_manifest(job: ExportJob) -> dict:
+    """The run's manifest plus the export section: every written file with its sha256."""
+    from hashret.models import WEIGHTS_FILE
+
+    job.stage("manifest")
+    h = w = job.spec.crop
     manifest = {
-        **{k: v for k, v in m.items() if k not in ("export", "created")},
+        **{k: v for k, v in job.run_manifest.items() if k not in ("export", "created")},
         "kind": "export",
         "created": now_iso(),
         "weights": WEIGHTS_FILE,
         "export": {
-            "files": files,
-            "formats": produced,
-            "skipped": skipped,
-            "opset": produced["onnx"]["opset"],
+            "files": {f: file_entry(job.path(f)) for f in job.files},
+            "formats": job.built,
+            "skipped": job.skipped,
+            "opset": job.built[F.BASE]["opset"],
             "inputs": [{"name": INPUT, "dtype": "uint8", "shape": ["N", h, w, 3]}],
-            "outputs": [{"name": OUTPUT, "dtype": "float32", "shape": ["N", bits]}],
-            "golden": golden_info,
+            "outputs": [{"name": OUTPUT, "dtype": "float32", "shape": ["N", job.bits]}],
+            "golden": job.golden,
             "tools": versions(*TOOLS),
-            "source_run": str(run_dir.resolve()),
-            "source_run_kind": m.get("kind"),
+            "source_run": str(job.run_dir.resolve()),
+            "source_run_kind": job.run_manifest.get("kind"),
             "created": now_iso(),
         },
     }
-    write_manifest(exp, manifest)
-    from hashret.engines import model_id
+    write_manifest(job.exp, manifest)
+    return manifest
 
-    _say(f"wrote {exp} ({len(files)} files, model id {model_id(manifest)[:12]}) in {time.time() - t0:.0f} s")
 
-    if not args.no_parity and args.golden > 0:
-        from export.golden import load_golden
-        from export.parity import format_table, parity_report
+def parity_table(job: ExportJob) -> None:
+    """Every built format's backends against torch fp32, on the golden set and a dataset split."""
+    a = job.args
+    if a.no_parity or a.golden <= 0:
+        return
+    from export.golden import GOLDEN, load_golden
+    from export.parity import format_table, parity_report
 
-        backends = parity_backends(names)
-        _say(f"parity vs torch fp32: {', '.join(backends)}")
-        report = parity_report(exp, backends, load_golden(exp / "golden.npz"), splits=splits, spec=spec,
-                               max_query=args.parity_queries, max_database=args.parity_database,
-                               latency_runs=args.latency_runs)
-        _say(f"golden set ({report['golden']['n']} images):")
-        _say(format_table(report["golden"]["rows"]))
-        if "dataset" in report:
-            d = report["dataset"]
-            _say(f"dataset {d['format']} ({d['queries']} queries x {d['database']} database):")
-            _say(format_table(d["rows"]))
-        _say(f"parity written to {exp / 'parity.json'}")
-    return 0
+    backends = parity_backends(list(job.built))
+    _say(f"parity vs torch fp32: {', '.join(backends)}")
+    report = parity_report(job.exp, backends, load_golden(job.path(GOLDEN)), splits=job.splits, spec=job.spec,
+                           max_query=a.parity_queries, max_database=a.parity_database,
+                           latency_runs=a.latency_runs)
+    _say(f"golden set ({report['golden']['n']} images):")
+    _say(format_table(report["golden"]["rows"]))
+    if "dataset" in report:
+        d = report["dataset"]
+        _say(f"dataset {d['format']} ({d['queries']} queries x {d['database']} database):")
+        _say(format_table(d["rows"]))
+    _say(f"parity written to {job.exp / 'parity.json'}")
 
 
 def parity_backends(format_names: list[str]) -> list[str]:
     """torch (the reference) + every backend of the built formats; plus OpenVINO in bf16 when the
-    CPU would pick bf16 by default, to show what that default costs in flipped bits."""
+    CPU would pick bf16 by default, to show what that default costs in flipped bits. Names no
+    longer in the table (an export made with a plug-in format) add no rows."""
     out = ["torch"]
     for n in format_names:
-        out += [b for b in F.get(n).backends if b not in out]
+        if n in F.FORMATS:
+            out += [b for b in F.get(n).backends if b not in out]
     if "openvino" in out and _openvino_defaults_to_bf16():
         out.insert(out.index("openvino") + 1, "openvino:precision=bf16")
     return out

@@ -9,9 +9,15 @@ output's sign equals its input's, so it cannot flip a bit.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from hashret.errors import Unavailable
 from hashret.fsutil import atomic_write
+
+if TYPE_CHECKING:  # annotations only: build steps are handed a job, they never make one
+    from pathlib import Path
+
+    from export.job import ExportJob
 
 
 def _converter():
@@ -42,3 +48,8 @@ def fp16_from_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike) ->
     data = m16.SerializeToString()
     atomic_write(out_path, lambda f: f.write(data))
     return {"converter": convert.__module__, "keep_io_types": True}
+
+
+def build(job: ExportJob, out: Path) -> dict:
+    """The `onnx-fp16` row's build step (export/formats.py)."""
+    return fp16_from_onnx(job.path("model.onnx"), out)

@@ -24,11 +24,16 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 from hashret.errors import BadInput, Unavailable
+
+from export.formats import arg_group
+
+if TYPE_CHECKING:  # annotations only: build steps are handed a job, they never make one
+    from export.job import ExportJob
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +134,32 @@ def int8_from_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike,
     return {"per_channel": per_channel, "format": "QDQ", "activations": "uint8", "weights": "int8",
             "reduce_range": reduce_range,
             "calibration": method, "excluded_nodes": excluded, "exclude": exclude, "quantize_nodes": n_q}
+
+
+def add_args(p) -> None:
+    g = arg_group(p, "INT8 (onnx-int8)")
+    g.add_argument("--calib", type=int, default=256, metavar="N",
+                   help="training images used to calibrate INT8 scales (default: 256)")
+    g.add_argument("--calib-method", default="minmax", choices=("minmax", "percentile", "entropy"),
+                   help="how INT8 activation ranges are chosen (default: minmax)")
+    g.add_argument("--int8-exclude", default="hash-layer", choices=("hash-layer", "head", "none"),
+                   help="layers kept in float in the INT8 model: only the final hash layer and tanh, the "
+                        "whole hash head, or none (default: hash-layer)")
+
+
+def check_args(args) -> None:
+    if args.calib < 0:
+        raise BadInput(f"--calib {args.calib} | must not be negative: pass a number of images (default: 256)")
+
+
+def build(job: ExportJob, out: Path) -> dict:
+    """The `onnx-int8` row's build step (export/formats.py): calibrate on the run's training images."""
+    from export.data import batches, calibration_images
+
+    a = job.args
+    calib = calibration_images(job.splits, job.spec, a.calib)
+    job.say(f"      {len(calib)} images, {a.calib_method} ranges, kept in float: {a.int8_exclude}")
+    facts = int8_from_onnx(job.path("model.onnx"), out, list(batches(calib, 16)), exclude=a.int8_exclude,
+                           method=a.calib_method)
+    facts["calibration_images"] = int(len(calib))
+    return facts

@@ -14,11 +14,17 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hashret.errors import CheckFailed, Unavailable
 from hashret.fsutil import atomic_write
+
+from export.formats import arg_group
+
+if TYPE_CHECKING:  # annotations only: build steps are handed a job, they never make one
+    from export.job import ExportJob
 
 log = logging.getLogger(__name__)
 
@@ -147,3 +153,18 @@ def onnx_from_run(run_dir: str | os.PathLike, out_path: str | os.PathLike, opset
         )
     atomic_write(out_path, lambda f: f.write(data))
     return info
+
+
+def add_args(p) -> None:
+    o = arg_group(p, "ONNX")
+    o.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    o.add_argument("--exporter", default="auto", choices=("auto", "dynamo", "legacy"),
+                   help="torch.onnx exporter: auto tries dynamo then legacy (default: auto)")
+    o.add_argument("--no-slim", action="store_true", help="skip onnxslim (default: slim when outputs stay identical)")
+
+
+def build(job: ExportJob, out: Path) -> dict:
+    """The `onnx` row's build step (export/formats.py)."""
+    a = job.args
+    job.say(f"      {job.run_manifest['backbone']['name']} ({job.bits} bits) to {out}")
+    return onnx_from_run(job.run_dir, out, a.opset, exporter=a.exporter, slim=not a.no_slim, encoder=job.encoder)

@@ -15,11 +15,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hashret.engines.tensorrt_engine import ENGINE_INFO, cuda_device_facts, import_tensorrt
 from hashret.errors import BadInput, CheckFailed
 from hashret.fsutil import atomic_write, sha256_file, write_json_atomic
 from hashret.manifest import now_iso
+
+from export.formats import BATCH_GROUP, arg_group
+
+if TYPE_CHECKING:  # annotations only: build steps are handed a job, they never make one
+    from export.job import ExportJob
 
 log = logging.getLogger(__name__)
 
@@ -106,4 +112,27 @@ def engine_from_onnx(onnx_path: str | os.PathLike, plan_path: str | os.PathLike,
         "created": now_iso(),
     }
     write_json_atomic(plan_path.with_name(ENGINE_INFO), info)
+    return info
+
+
+def add_args(p) -> None:
+    t = arg_group(p, BATCH_GROUP)
+    t.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace in GiB (default: 4)")
+    t.add_argument("--timing-cache", metavar="PATH", help="TensorRT timing cache to reuse and update (default: none)")
+    t.add_argument("--tensorrt-precision", default="fp16", choices=PRECISIONS,
+                   help="TensorRT engine precision (default: fp16)")
+
+
+def build(job: ExportJob, out: Path) -> dict:
+    """The `tensorrt` row's build step (export/formats.py): model.plan and engine.json."""
+    trt = import_tensorrt()
+    a = job.args
+    src, strongly = source_onnx_for(a.tensorrt_precision, job.exp, trt)
+    if src.name != "model.onnx":
+        job.require("onnx-fp16", f"TensorRT {trt.__version__} builds {a.tensorrt_precision} engines from {src.name}")
+    job.say(f"      a {a.tensorrt_precision} engine from {src.name}")
+    info = engine_from_onnx(src, out, precision=a.tensorrt_precision, strongly_typed=strongly,
+                            min_batch=a.min_batch, opt_batch=a.opt_batch, max_batch=a.max_batch,
+                            workspace_gb=a.workspace_gb, timing_cache=a.timing_cache)
+    job.wrote(ENGINE_INFO)
     return info

@@ -10,8 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hashret.fsutil import atomic_write
+
+from export.formats import BATCH_GROUP, arg_group
+
+if TYPE_CHECKING:  # annotations only: build steps are handed a job, they never make one
+    from export.job import ExportJob
 
 DEFAULT_NAME = "hashret"
 DEFAULT_QUEUE_DELAY_US = 1000
@@ -83,3 +89,22 @@ def triton_from_exp(exp_dir: str | os.PathLike, *, size: int, bits: int, name: s
         _place(exp_dir / file, d / "1" / file)
         written += [str((d / "config.pbtxt").relative_to(exp_dir)), str((d / "1" / file).relative_to(exp_dir))]
     return written
+
+
+def add_args(p) -> None:
+    t = arg_group(p, BATCH_GROUP)
+    t.add_argument("--triton-name", default=DEFAULT_NAME, help=f"Triton model name (default: {DEFAULT_NAME})")
+    t.add_argument("--triton-kind", default="gpu", choices=("gpu", "cpu"),
+                   help="Triton instance kind for the ONNX model (default: gpu)")
+
+
+def build(job: ExportJob, out: Path) -> dict:
+    """The `triton` row's build step (export/formats.py): serves every model this export built that
+    Triton runs, so it comes after them in the table."""
+    a = job.args
+    files = triton_from_exp(job.exp, size=job.spec.crop, bits=job.bits, name=a.triton_name,
+                            max_batch=a.max_batch, opt_batch=a.opt_batch,
+                            kind="KIND_GPU" if a.triton_kind == "gpu" else "KIND_CPU",
+                            with_plan=job.has("tensorrt"))
+    job.wrote(*files)
+    return {"files": files, "model_name": a.triton_name}

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve.cli", "run the gRPC retrieval service"),
     "query": ("serve.query", "query a running service with image files"),
     "bench": ("benchmarks.cli", "benchmarks: engine, serve, search, parity"),
-    "demo": ("serve.demo", "the whole job end to end on the Grocery data"),
+    "demo": ("demo.cli", "the whole job end to end on the Grocery data"),
 }
 
 

@@ -25,15 +25,18 @@ def _format_help(default: str | None) -> str:
 
 def add_data_args(p: argparse.ArgumentParser | Any, *, title: str = "data", data_help: str = DATA_HELP,
                   default_format: str | None = "grocery", format_dest: str = "format",
-                  data_metavar: str = "DIR") -> Any:
+                  data_metavar: str = "DIR", with_format: bool = True) -> Any:
     """`--data` and `--format` (choices from the dataset-format registry). Returns the group.
 
-    default_format=None leaves the format unset, for commands that fall back to a run's own.
+    default_format=None leaves the format unset, for commands that fall back to a run's own;
+    with_format=False leaves --format out, for a command that reads one fixed layout (demo).
     """
     from hashret.datasets import FORMATS
 
     g = p.add_argument_group(title) if isinstance(p, argparse.ArgumentParser) else p
     g.add_argument("--data", default=None, metavar=data_metavar, help=data_help)
+    if not with_format:
+        return g
     g.add_argument("--format", dest=format_dest, default=default_format, choices=FORMATS.names(),
                    metavar="FMT", help=_format_help(default_format))
     return g
@@ -50,15 +53,20 @@ def backend_choices(gpu_only: bool = False) -> list[str]:
 def add_engine_args(p: argparse.ArgumentParser | Any, *, title: str | None = "engine",
                     default_backend: str | None = "ort", backend_help: str = "inference engine",
                     default_device: str = "cpu",
-                    device_help: str = "cpu, cuda or cuda:N where the backend supports it") -> Any:
-    """`--backend` (choices from the engine registry) and `--device`. Returns the group."""
+                    device_help: str = "cpu, cuda or cuda:N where the backend supports it",
+                    with_device: bool = True) -> Any:
+    """`--backend` (choices from the engine registry) and `--device`. Returns the group.
+
+    with_device=False leaves --device out, for a command that offers no device choice (demo).
+    """
     if isinstance(p, argparse.ArgumentParser) and title:
         g = p.add_argument_group(title)
     else:
         g = p
     g.add_argument("--backend", default=default_backend, choices=backend_choices(), metavar="BACKEND",
                    help=f"{backend_help}, one of {', '.join(backend_choices())} (default: {default_backend})")
-    add_device_arg(g, default=default_device, help=device_help)
+    if with_device:
+        add_device_arg(g, default=default_device, help=device_help)
     return g
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import struct
 import warnings
 from dataclasses import asdict, dataclass
@@ -85,6 +86,15 @@ def _draft_size(w: int, h: int, min_side: int) -> tuple[int, int]:
     return max(1, math.ceil(w * f)), max(1, math.ceil(h * f))
 
 
+def _too_many_pixels(label: str, n: int | None, max_pixels: int, size: tuple[int, int] | None = None) -> str:
+    """The refusal of an image over the pixel limit, naming the flag that sets it (never Pillow's)."""
+    desc = f"{size[0]}x{size[1]} = {n}" if size else str(n) if n else "its"
+    if n is not None and n <= max_pixels:  # only when --max-pixels was set above what Pillow decodes at all
+        return (f"{label} | {desc} pixels is more than the decoder accepts, although --max-pixels is {max_pixels}: "
+                f"downscale it, and set --max-pixels to at most {2 * (Image.MAX_IMAGE_PIXELS or 0)}")
+    return f"{label} | {desc} pixel count exceeds the limit of {max_pixels} (--max-pixels): downscale it"
+
+
 def decode_image(
     source: bytes | str | os.PathLike,
     *,
@@ -117,13 +127,15 @@ def decode_image(
         raise BadInput(f"{label} | {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns above its own fixed limit (~89.5 MP); `max_pixels` below is the limit
+            # that decides, so a refusal names the one the operator can change
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w < 1 or h < 1:
                 raise BadInput(f"{label} | has zero size ({w}x{h})")
             if w * h > max_pixels:
-                raise BadInput(f"{label} | {w}x{h} = {w * h} pixel count exceeds the limit of {max_pixels}")
+                raise BadInput(_too_many_pixels(label, w * h, max_pixels, (w, h)))
             img.seek(0)
             if min_side and img.format == "JPEG" and min(w, h) >= 2 * min_side:
                 img.draft(None, _draft_size(w, h, min_side))
@@ -133,7 +145,11 @@ def decode_image(
     except BadInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadInput(f"{label} | pixel count exceeds the limit (decompression bomb?): {e}") from None
+        # Pillow refuses twice its limit (~179 MP) before handing back the size: read the count
+        # from its message, and quote our limit, never Pillow's
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        n = int(found.group(1)) if found else None
+        raise BadInput(_too_many_pixels(label, n, max_pixels)) from None
     except UnidentifiedImageError:
         head = data[:8].hex()
         raise BadInput(f"{label} | not a decodable image (unknown format; first bytes {head})") from None

@@ -14,6 +14,8 @@ Conventions (all functions):
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from hashret.codes import _as_words, check_bits, check_packed, hamming, pack
@@ -136,7 +138,10 @@ def mean_average_precision(qB, dB, qL, dL, topk: int | None = None, chunk: int |
 
     AP@k = (1/R_k) * sum_{i<=k} P(i) * rel(i), R_k = #relevant in the top k,
     P(i) = #relevant in the top i / i. A query with R_k = 0 has AP 0 and still
-    counts in the mean (the HashNet/DCH evaluation convention). topk=None means
+    counts in the mean. That is DeepHash-pytorch's convention; HashNet's own evaluation leaves
+    such queries out instead. We keep them in so that a model which finds nothing relevant in
+    its top k is penalised rather than excused (on Grocery every query has relevant database
+    items, so mAP@all is the same under both). topk=None means
     all N items (mAP@all); topk > N is clamped to N.
     """
     qB, dB, rel = _prepare(qB, dB, qL, dL)
@@ -205,7 +210,8 @@ def evaluate(qB, dB, qL, dL, ks=(10,), radius: int = 2, chunk: int | None = None
     """All headline metrics in one pass: the metrics.json of a training run.
 
     Keys: "mAP@all", "mAP@{k}" and "precision@{k}" for k in ks,
-    "precision@H<={radius}"; values are floats (conventions as in the functions above).
+    "precision@H<={radius}", and the tie-aware "mAP@all(tie-aware)" and "mAP@{k}(tie-aware)"
+    (see `tie_aware_map`); values are floats (conventions as in the functions above).
     """
     qB, dB, rel = _prepare(qB, dB, qL, dL)
     Q, N = qB.shape[0], dB.shape[0]
@@ -218,10 +224,17 @@ def evaluate(qB, dB, qL, dL, ks=(10,), radius: int = 2, chunk: int | None = None
     ap_k = np.empty((len(ks), Q))
     p_k = np.empty((len(ks), Q))
     p_r = np.empty(Q)
+    ta_all = np.empty(Q)
+    ta_k = np.empty((len(ks), Q))
+    D, H = qB.shape[1] * 8 + 1, _harmonic(N)
     for sl in _slices(Q, N, chunk):
         dist = hamming(qB[sl], dB)
         rs = rel(sl)
         p_r[sl] = _prec_radius(dist, rs, int(radius))
+        hist_n, hist_r = _distance_histograms(dist, rs, D)
+        ta_all[sl] = _tie_aware_ap(hist_n, hist_r, N, H)
+        for j, k in enumerate(kc):
+            ta_k[j, sl] = _tie_aware_ap(hist_n, hist_r, k, H)
         ranked = np.take_along_axis(rs, _rank(dist), axis=1)
         ap_all[sl] = _ap(ranked)
         for j, k in enumerate(kc):
@@ -232,6 +245,9 @@ def evaluate(qB, dB, qL, dL, ks=(10,), radius: int = 2, chunk: int | None = None
         out[f"mAP@{k}"] = float(ap_k[j].mean())
         out[f"precision@{k}"] = float(p_k[j].mean())
     out[f"precision@H<={int(radius)}"] = float(p_r.mean())
+    out["mAP@all(tie-aware)"] = float(ta_all.mean())
+    for j, k in enumerate(ks):
+        out[f"mAP@{k}(tie-aware)"] = float(ta_k[j].mean())
     return out
 
 
@@ -273,14 +289,127 @@ def mean_average_precision_cosine(
     return float(ap.mean())
 
 
+def mean_average_precision_ranked(rel) -> float:
+    """mAP@k of lists someone else already ranked, e.g. a running service's top-k answers.
+
+    rel [Q, k]: rel[i, r] = 1 when query i's answer at rank r+1 is relevant (0/1 or bool); pad a
+    shorter answer list with 0, which leaves its AP unchanged. AP convention as
+    `mean_average_precision`: (1/R_k) * sum_{i<=k} P(i) * rel(i), and 0 when R_k = 0.
+    """
+    rel = np.asarray(rel)
+    if rel.ndim != 2 or rel.shape[0] == 0 or rel.shape[1] == 0:
+        raise BadInput(f"ranked relevance | shape {rel.shape} is not [Q, k] with Q, k >= 1: "
+                       "pass one row of 0/1 per query, best answer first")
+    if rel.dtype != np.bool_:
+        if not np.issubdtype(rel.dtype, np.number) or not np.isin(rel, (0, 1)).all():
+            raise BadInput("ranked relevance | values must be 0/1 or bool: pass whether each answer is relevant")
+        rel = rel != 0
+    return float(_ap(rel).mean())
+
+
+# --------------------------------------------------------------------------- tie-aware
+
+
+def _harmonic(n: int) -> np.ndarray:
+    """H[i] = sum_{j=1..i} 1/j for i = 0..n (float64)."""
+    h = np.zeros(n + 1)
+    np.cumsum(1.0 / np.arange(1, n + 1), out=h[1:])
+    return h
+
+
+def _group_sum(R0, N0, r, n, H):
+    """Expected sum of P(i) over the relevant items of a tie group, over its orderings.
+
+    The group holds n items (r relevant) after N0 items (R0 relevant). A relevant item at
+    position j of the group has, on average, (j-1)(r-1)/(n-1) relevant group-mates before it, so
+        E = (r/n) * sum_{j=1..n} (R0 + 1 + (j-1)(r-1)/(n-1)) / (N0 + j),
+    summed with harmonic numbers: sum_j 1/(N0+j) = H[N0+n] - H[N0] and
+    sum_j (j-1)/(N0+j) = n - (N0+1)(H[N0+n] - H[N0]). Works elementwise on arrays.
+    """
+    R0, N0, r, n = (np.asarray(a, dtype=np.float64) for a in (R0, N0, r, n))
+    n_safe = np.maximum(n, 1.0)
+    dH = H[(N0 + n).astype(np.int64)] - H[N0.astype(np.int64)]
+    slope = np.where(n > 1, (r - 1) / np.maximum(n - 1, 1.0), 0.0)
+    return np.where(n > 0, (r / n_safe) * ((R0 + 1) * dH + slope * (n - (N0 + 1) * dH)), 0.0)
+
+
+def _distance_histograms(dist: np.ndarray, rs: np.ndarray, D: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, how many items (and how many relevant ones) sit at each distance 0..D-1."""
+    c = dist.shape[0]
+    flat = dist.astype(np.int64) + np.arange(c, dtype=np.int64)[:, None] * D
+    hist_n = np.bincount(flat.ravel(), minlength=c * D).reshape(c, D)
+    hist_r = np.bincount(flat[rs], minlength=c * D).reshape(c, D)
+    return hist_n, hist_r
+
+
+def _tie_aware_ap(hist_n: np.ndarray, hist_r: np.ndarray, k: int, H: np.ndarray) -> np.ndarray:
+    """Expected AP@k per query from per-distance counts: items hist_n [c, D], relevant hist_r [c, D].
+
+    Groups that end inside the top k contribute `_group_sum`. The group that straddles k has
+    m = k - N0 of its n places in the top k; the number x of relevant items among them is
+    hypergeometric, and given x they sit at a uniform x-subset of those m places, so the group adds
+    (x/m) * sum_{j<=m} (R0 + 1 + (j-1)(x-1)/(m-1)) / (N0+j). As AP@k divides by R_k = R0 + x, the
+    expectation is taken over x exactly (sum over its support), not of a ratio of means.
+    """
+    c = hist_n.shape[0]
+    N0 = np.cumsum(hist_n, axis=1) - hist_n  # items before each group
+    R0 = np.cumsum(hist_r, axis=1) - hist_r
+    full = (N0 + hist_n) <= k
+    s_full = np.where(full, _group_sum(R0, N0, hist_r, hist_n, H), 0.0).sum(axis=1)
+    R_full = np.where(full, hist_r, 0).sum(axis=1)
+    ap = np.where(R_full > 0, s_full / np.maximum(R_full, 1), 0.0)
+    # the straddling group, where there is one: N0 < k < N0 + n
+    cut = (N0 < k) & (N0 + hist_n > k)
+    for i, g in zip(*np.nonzero(cut)):
+        n, r, n0, r0 = int(hist_n[i, g]), int(hist_r[i, g]), int(N0[i, g]), int(R0[i, g])
+        m = k - n0
+        total = 0.0
+        for x in range(max(0, m - (n - r)), min(r, m) + 1):
+            p = math.comb(r, x) * math.comb(n - r, m - x) / math.comb(n, m)
+            if r0 + x == 0:
+                continue
+            s_in = float(_group_sum(r0, n0, x, m, H)) if x > 0 else 0.0
+            total += p * (s_full[i] + s_in) / (r0 + x)
+        ap[i] = total
+    return ap
+
+
+def tie_aware_map(qB, dB, qL, dL, topk: int | None = None, chunk: int | None = None) -> float:
+    """Expected mAP@k over all orderings of items tied at the same Hamming distance.
+
+    The plain mAP breaks ties by database index, so its value depends on the order the gallery
+    was built in; hashing codes tie a lot (a 64-bit code has only 65 distances). This is the mean
+    over queries of E[AP@k] when every tie group is ordered uniformly at random, in closed form
+    per group (see `_group_sum` and `_tie_aware_ap`; the tie-aware AP of McFee & Lanckriet, as
+    recommended for hashing in arXiv 1905.10951). AP conventions as `mean_average_precision`
+    (R_k in the denominator, 0 when a query has no relevant item in its top k).
+    """
+    qB, dB, rel = _prepare(qB, dB, qL, dL)
+    Q, N = qB.shape[0], dB.shape[0]
+    k = N if topk is None else _k(topk, N, "topk")
+    D = qB.shape[1] * 8 + 1
+    H = _harmonic(N)
+    ap = np.empty(Q)
+    for sl in _slices(Q, N, chunk):
+        hist_n, hist_r = _distance_histograms(hamming(qB[sl], dB), rel(sl), D)
+        ap[sl] = _tie_aware_ap(hist_n, hist_r, k, H)
+    return float(ap.mean())
+
+
 # --------------------------------------------------------------------------- data
 
 
-def synthetic_codes(n: int, bits: int, n_classes: int, noise: float, seed: int = 0):
+def synthetic_codes(n: int, bits: int, n_classes: int, noise: float, seed: int = 0, *,
+                    chunk: int | None = None):
     """Seeded synthetic codes: class prototypes with bits flipped w.p. `noise`.
 
     Returns (packed uint8 [n, bits//8], labels int64 [n]); labels ~ U{0..n_classes-1}.
+    `chunk`: draw that many rows at a time, with float32 uniforms, so memory stays near the
+    packed size (millions of codes for a benchmark). The same model and prototypes, but a
+    different draw than chunk=None; a prefix of the rows does not depend on `n`.
     """
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+        raise BadInput(f"synthetic chunk | {chunk!r} is not a positive integer: pass e.g. 262144, or None")
     for v, what in ((n, "n"), (n_classes, "n_classes")):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise BadInput(f"synthetic {what} | {v!r} is not a positive integer: pass e.g. 1000")
@@ -293,6 +422,18 @@ def synthetic_codes(n: int, bits: int, n_classes: int, noise: float, seed: int =
     bits = check_bits(bits, "synthetic bits")
     rng = np.random.default_rng(seed)
     proto = rng.random((n_classes, bits)) < 0.5
-    L = rng.integers(0, n_classes, size=n, dtype=np.int64)
-    B = proto[L] ^ (rng.random((n, bits)) < float(noise))
-    return pack(B), L
+    if chunk is None:
+        L = rng.integers(0, n_classes, size=n, dtype=np.int64)
+        B = proto[L] ^ (rng.random((n, bits)) < float(noise))
+        return pack(B), L
+    # Each chunk draws labels and flips from streams of its own, keyed by the chunk's index, so a
+    # row depends only on the seed and its position, never on how many rows follow it.
+    entropy = np.random.SeedSequence(seed).entropy
+    L = np.empty(n, np.int64)
+    packed = np.empty((n, bits // 8), np.uint8)
+    for c, a in enumerate(range(0, n, int(chunk))):
+        b = min(n, a + int(chunk))
+        labels, flips = (np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(c, s))) for s in (0, 1))
+        L[a:b] = labels.integers(0, n_classes, size=b - a, dtype=np.int64)
+        packed[a:b] = pack(proto[L[a:b]] ^ (flips.random((b - a, bits), dtype=np.float32) < np.float32(noise)))
+    return packed, L

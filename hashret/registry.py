@@ -1,7 +1,9 @@
 """A tiny name -> factory registry (backbones, losses, engines, index kinds, formats)."""
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Generic, TypeVar
 
 from hashret.errors import BadInput
 
@@ -34,6 +36,27 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        """(name, entry) pairs in registration order, for texts that list the built-ins first."""
+        return list(self._items.items())
+
+    def unregister(self, name: str) -> T:
+        """Remove an entry and return it (tests and plug-ins that register for a while)."""
+        try:
+            return self._items.pop(name)
+        except KeyError:
+            raise ValueError(f"{self.what} {name!r} is not registered") from None
+
+    @contextmanager
+    def registered(self, name: str, obj: T) -> Iterator[T]:
+        """Register `obj` for the duration of a `with` block, then remove it again."""
+        self.register(name)(obj)
+        try:
+            yield obj
+        finally:
+            if self._items.get(name) is obj:
+                del self._items[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self._items

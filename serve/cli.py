@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from hashret.cliargs import add_engine_args
 from hashret.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-
-BACKENDS = ["ort", "ort-int8", "ort-fp16", "openvino", "openvino-int8", "torch", "tensorrt"]
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -24,10 +23,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to serve")
     g.add_argument("--model", required=True, metavar="EXP", help="export folder from `hashret export` (required)")
     g.add_argument("--gallery", required=True, metavar="GAL", help="gallery folder from `hashret index build` (required)")
-    g.add_argument("--backend", default="ort", choices=BACKENDS, help="inference engine (default: ort)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N where the backend supports it (default: cpu)")
+    add_engine_args(g, title=None, default_backend="ort", backend_help="inference engine")
     g.add_argument("--engine-threads", type=int, default=None, metavar="N",
-                   help="threads the engine uses per batch (default: the engine's choice, all cores)")
+                   help="threads the engine uses per batch, passed as the backend's own thread option "
+                        "(default: the engine's choice, all cores)")
 
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1",
@@ -59,6 +58,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-message-bytes", type=int, default=None,
                    help="largest gRPC message (default: 64 MiB, or more when --max-image-bytes needs it)")
 
+    from serve.snapshots import DEFAULT_EVERY_MB, DEFAULT_EVERY_RECORDS
+
+    g = p.add_argument_group("snapshots (FAISS galleries; Milvus keeps its own log)")
+    g.add_argument("--snapshot-every-records", type=int, default=DEFAULT_EVERY_RECORDS, metavar="N",
+                   help="snapshot the gallery in the background once its write-ahead log holds N records "
+                        f"(writes); a restart replays at most about this many (default: {DEFAULT_EVERY_RECORDS})")
+    g.add_argument("--snapshot-every-mb", type=float, default=DEFAULT_EVERY_MB, metavar="MB",
+                   help="... or once the write-ahead log reaches MB mebibytes, whichever comes first "
+                        f"(default: {DEFAULT_EVERY_MB:g})")
+
     g = p.add_argument_group("security")
     g.add_argument("--tls-cert", metavar="PEM", help="server certificate chain; with --tls-key enables TLS (default: plaintext)")
     g.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
@@ -76,6 +85,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     from serve.server import DEFAULT_MAX_MESSAGE_BYTES, ServeConfig, load_token
     from serve.service import Limits
+    from serve.snapshots import SnapshotPolicy
 
     limits = Limits(
         max_k=args.max_k, max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels,
@@ -89,6 +99,7 @@ def config_from_args(args: argparse.Namespace):
         limits=limits, max_message_bytes=max_msg, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, token=load_token(args.token_file),
         require_token_for_reads=args.require_token_for_reads, metrics_port=args.metrics_port, grace_s=args.grace_s,
+        snapshots=SnapshotPolicy(every_records=args.snapshot_every_records, every_mb=args.snapshot_every_mb),
     )
 
 

@@ -17,6 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from hashret.cliargs import (
+    add_data_args,
+    add_engine_args,
+    add_output_args,
+    add_progress_arg,
+)
 from hashret.errors import BadInput, MissingArtifact
 
 log = logging.getLogger("hashret.index")
@@ -40,28 +46,58 @@ def add_args(p: argparse.ArgumentParser) -> None:
         ),
     )
     b.add_argument("exp", metavar="EXP", help="export folder from `hashret export`")
-    b.add_argument("--data", default=None,
-                   help="dataset root (default: $HASHRET_DATA, else ../shared/datasets/grocery when present)")
-    b.add_argument("--format", default="grocery", help="dataset format: grocery, digix, folder or csv (default: grocery)")
-    b.add_argument("--split", default="database", choices=["train", "database", "query"],
-                   help="which split to put in the gallery (default: database)")
-    b.add_argument("--iconic", action="store_true",
-                   help="grocery only: the 81 catalogue (iconic) images instead of a split (default: off)")
-    b.add_argument("--out", required=True, metavar="GAL", help="gallery folder to create (required)")
-    b.add_argument("--overwrite", action="store_true", help="replace GAL if it exists (default: refuse)")
-    b.add_argument("--kind", default="faiss-flat", choices=["faiss-flat", "faiss-hnsw", "milvus"],
-                   help="index kind: exact FAISS, approximate FAISS HNSW, or Milvus (default: faiss-flat)")
-    b.add_argument("--milvus-uri", default=None,
-                   help="milvus only: http://host:19530 for a cluster (default: GAL/milvus.db, embedded Milvus Lite)")
-    b.add_argument("--backend", default="ort", help="engine that encodes the images (default: ort)")
-    b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    b.add_argument("--batch", type=int, default=32, help="images per engine call (default: 32)")
-    b.add_argument("--decode-threads", type=int, default=None, metavar="N",
-                   help="threads decoding images (default: min(4, CPUs))")
-    b.add_argument("--limit", type=int, default=None, help="only the first N images, for quick trials (default: all)")
-    b.add_argument("--skip-bad", action="store_true",
-                   help="skip undecodable images and list them instead of failing (default: fail)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    data = add_data_args(b)
+    data.add_argument("--split", default="database", choices=["train", "database", "query"],
+                      help="which split to put in the gallery (default: database)")
+    data.add_argument("--iconic", action="store_true",
+                      help="grocery only: the 81 catalogue (iconic) images instead of a split (default: off)")
+    data.add_argument("--limit", type=int, default=None,
+                      help="only the first N images, for quick trials (default: all)")
+    data.add_argument("--skip-bad", action="store_true",
+                      help="skip undecodable images and list them instead of failing (default: fail)")
+    add_kind_args(b.add_argument_group("index"))
+    engine = add_engine_args(b, backend_help="engine that encodes the images")
+    engine.add_argument("--batch", type=int, default=32, help="images per engine call (default: 32)")
+    engine.add_argument("--decode-threads", type=int, default=None, metavar="N",
+                        help="threads decoding images (default: min(4, CPUs))")
+    out = add_output_args(b, metavar="GAL", required=True, help="gallery folder to create", progress=False)
+    out.add_argument("--overwrite", action="store_true", help="replace GAL if it exists (default: refuse)")
+    add_progress_arg(out)
+    from serve.snapshots import add_compact_parser
+
+    add_compact_parser(sub)
+
+
+DEFAULT_KIND = "faiss-flat"
+
+
+def add_kind_args(p) -> None:
+    """`--kind` and each registered kind's own flags, all taken from the INDEX_KINDS registry."""
+    from serve.gallery import INDEX_KINDS
+
+    kinds = INDEX_KINDS.items()
+    shown = "; ".join(f"{name} = {cls.summary or cls.__doc__ or name}" for name, cls in kinds)
+    p.add_argument("--kind", default=DEFAULT_KIND, choices=[name for name, _ in kinds],
+                   help=f"index kind: {shown} (default: {DEFAULT_KIND})")
+    for _, cls in kinds:
+        for flag, (_, kw) in cls.CLI_OPTIONS.items():
+            p.add_argument(flag, **kw)
+
+
+def kind_options(args: argparse.Namespace) -> dict:
+    """The gallery options the kind-specific flags set; such a flag with another --kind is refused."""
+    from serve.gallery import INDEX_KINDS
+
+    opts = {}
+    for name, cls in INDEX_KINDS.items():
+        for flag, (option, _) in cls.CLI_OPTIONS.items():
+            value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+            if value is None:
+                continue
+            if name != args.kind:
+                raise BadInput(f"{flag} | only applies to --kind {name}: drop it, or pass --kind {name}")
+            opts[option] = value
+    return opts
 
 
 def gallery_items(data: str | os.PathLike, fmt: str, split: str = "database", iconic: bool = False,
@@ -198,17 +234,17 @@ def build(exp: str | os.PathLike, out: str | os.PathLike, paths: list[str], ids:
 def run(args: argparse.Namespace) -> int:
     from hashret.datasets import default_data_root
 
+    if getattr(args, "index_command", None) == "compact":
+        from serve.snapshots import run_compact
+
+        return run_compact(args)
     if getattr(args, "index_command", None) != "build":
-        raise BadInput("hashret index | choose a subcommand: build (see hashret index build --help)")
+        raise BadInput("hashret index | choose a subcommand: build or compact (see hashret index --help)")
     if not Path(args.exp).exists():
         raise MissingArtifact(f"EXP {args.exp} | does not exist: run hashret export first")
     data = args.data or default_data_root()
     paths, ids, metas = gallery_items(data, args.format, args.split, args.iconic, args.limit)
-    opts = {}
-    if args.milvus_uri:
-        if args.kind != "milvus":
-            raise BadInput("--milvus-uri | only applies to --kind milvus")
-        opts["uri"] = args.milvus_uri
+    opts = kind_options(args)
     import sys
 
     summary = build(

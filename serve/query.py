@@ -56,18 +56,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_token(token_file: str | None) -> str | None:
-    """--token-file's first line, else $HASHRET_TOKEN (the server's rule, without importing the server)."""
-    import os
-    from pathlib import Path
+    """--token-file's first non-empty line, else $HASHRET_TOKEN (the server's rule: hashret.tokens)."""
+    from hashret.tokens import load_token as _load
 
-    from hashret.errors import MissingArtifact
-
-    if token_file:
-        p = Path(token_file)
-        if not p.is_file():
-            raise MissingArtifact(f"--token-file {p} | not found")
-        return p.read_text().strip() or None
-    return os.environ.get("HASHRET_TOKEN", "").strip() or None
+    return _load(token_file)
 
 
 def _report(args, path: str, hits=None, error: str | None = None) -> None:

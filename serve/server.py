@@ -8,6 +8,8 @@ the gallery's, or startup fails naming both. Every check runs before the port is
 Shutdown (SIGTERM/SIGINT or `stop()`): health turns NOT_SERVING, new Retrieval calls get
 UNAVAILABLE (clients retry elsewhere) while health checks still answer, in-flight calls drain
 for up to `grace_s`, then the gRPC server stops and the batcher, gallery and engine close.
+A FAISS gallery is snapshotted in the background whenever its WAL passes the configured bound,
+and once more before it closes (serve.snapshots).
 """
 from __future__ import annotations
 
@@ -31,11 +33,12 @@ from grpc_reflection.v1alpha import reflection
 
 from hashret.errors import ArtifactMismatch, BadInput, MissingArtifact, Unavailable
 from hashret.images import PreprocessSpec
-from hashret.manifest import load_manifest, versions
+from hashret.manifest import versions
 from serve._proto import retrieval_pb2_grpc as pb_grpc
 from serve.batcher import Batcher
 from serve.service import Limits, RetrievalService, exp_summary
 from serve.servicer import SERVICE_NAME, RetrievalServicer
+from serve.snapshots import SnapshotCollector, SnapshotPolicy, Snapshotter
 
 log = logging.getLogger("hashret.serve")
 
@@ -54,7 +57,7 @@ class ServeConfig:
     port: int = 50051
     backend: str = "ort"
     device: str = "cpu"
-    engine_threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)
+    engine_threads: int | None = None  # as the backend's own thread option (None: the library's default)
     max_batch: int = 32
     max_delay_us: int = 2000
     queue_size: int = 256
@@ -68,6 +71,7 @@ class ServeConfig:
     require_token_for_reads: bool = False
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     grace_s: float = 10.0
+    snapshots: SnapshotPolicy = field(default_factory=SnapshotPolicy)  # FAISS galleries: WAL bound
 
 
 # ---- logging ---------------------------------------------------------------------------
@@ -156,17 +160,14 @@ class Metrics:
 
 # ---- auth and shutdown gate ------------------------------------------------------------
 def load_token(token_file: str | None) -> str | None:
-    """The bearer token: --token-file's first line, else $HASHRET_TOKEN, else None."""
-    if token_file:
-        p = Path(token_file)
-        if not p.is_file():
-            raise MissingArtifact(f"--token-file {p} | not found")
-        token = p.read_text().strip()
-        if not token:
-            raise BadInput(f"--token-file {p} | is empty: put the token on its first line")
-        return token
-    token = os.environ.get(TOKEN_ENV, "").strip()
-    return token or None
+    """The bearer token: --token-file's first non-empty line, stripped, else $HASHRET_TOKEN, else None.
+
+    A file (or variable) with more than one non-empty line is refused (BadInput, exit 2), never
+    cut at the first: see hashret.tokens.
+    """
+    from hashret.tokens import load_token as _load
+
+    return _load(token_file, env=TOKEN_ENV)
 
 
 def _abort_handler(handler, code: grpc.StatusCode, message: str):
@@ -317,27 +318,25 @@ def _check_config(cfg: ServeConfig) -> None:
 
 
 def _open_parts(cfg: ServeConfig, engine=None):
-    """EXP manifest -> model id -> gallery (refused on mismatch) -> engine; closes what it opened on failure."""
-    from hashret.engines import model_id as get_model_id
-    from hashret.engines import open_engine
-    from serve.gallery import open_gallery
+    """EXP manifest (read once) -> gallery checked against its model id and bits -> engine.
 
-    manifest = load_manifest(cfg.model, kind="export")
-    mid = get_model_id(manifest)
+    Closes what it opened on failure.
+    """
+    from hashret.engines import backend_spec, open_engine
+    from serve.gallery import open_gallery_for_export
+
+    gallery, manifest, mid = open_gallery_for_export(cfg.gallery, cfg.model)
+    bits = gallery.bits
     try:
-        bits = int(manifest["bits"])
-        spec = PreprocessSpec.from_dict(manifest["preprocessing"])
-    except (KeyError, TypeError, ValueError):
-        raise BadInput(f"{cfg.model}/manifest.json | lacks bits or preprocessing: re-export it") from None
-    gallery = open_gallery(cfg.gallery, expect_bits=bits, expect_model_sha256=mid)
-    try:
+        try:
+            spec = PreprocessSpec.from_dict(manifest["preprocessing"])
+        except (KeyError, TypeError, ValueError):
+            raise BadInput(f"{cfg.model}/manifest.json | lacks preprocessing: re-export it") from None
         if engine is None:
-            opts = {}
-            if cfg.engine_threads is not None:  # each runner names its thread option its own way
-                key = "intra_op_threads" if cfg.backend.startswith("ort") else "threads"
-                opts[key] = int(cfg.engine_threads)
-            engine = open_engine(cfg.model, cfg.backend, cfg.device, **opts)
-        if int(engine.bits) != bits:
+            # each runner names its thread option its own way; its registry entry says which
+            opts = backend_spec(cfg.backend).thread_options(cfg.engine_threads)
+            engine = open_engine(cfg.model, cfg.backend, cfg.device, manifest=manifest, **opts)
+        elif int(engine.bits) != bits:  # one handed in was not opened from this EXP's manifest
             raise BadInput(f"engine | outputs {engine.bits} bits, {cfg.model} says {bits}")
         _warm_up(engine, spec, cfg.model, bits)
     except BaseException:
@@ -390,10 +389,13 @@ class HashretServer:
             "versions": versions("grpcio", "protobuf", "onnxruntime", "openvino", "faiss-cpu", "pymilvus", "Pillow"),
         }
         decode_threads = cfg.decode_threads or min(4, os.cpu_count() or 1)
+        snapshots = Snapshotter(gallery, cfg.snapshots)
         self.service = RetrievalService(
             engine, gallery, model_id=mid, spec=spec, batcher=batcher, limits=cfg.limits,
-            decode_threads=decode_threads, info=info,
+            decode_threads=decode_threads, info=info, snapshots=snapshots,
         )
+        snapshots.start()
+        self.metrics.registry.register(SnapshotCollector(snapshots))
         self.servicer = RetrievalServicer(self.service, observe=self._observe)
         self.gate = Gate(cfg.token, cfg.require_token_for_reads, observe=self._observe)
         self.health = grpc_health.aio.HealthServicer()
@@ -436,7 +438,16 @@ class HashretServer:
 
     @property
     def address(self) -> str:
+        """Where a client on this machine dials (a wildcard host becomes 127.0.0.1)."""
         host = self.cfg.host if self.cfg.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    @property
+    def bound_address(self) -> str:
+        """The address the server listens on, as bound: 0.0.0.0:PORT stays 0.0.0.0, so the log tells
+        an operator the port is open beyond loopback."""
+        host = self.cfg.host or "0.0.0.0"
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
@@ -447,7 +458,7 @@ class HashretServer:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         i = self.service.info()
         log.info("serving", extra={"fields": {
-            "address": self.address, "tls": self.tls, "model_id": self.service.model_id,
+            "address": self.bound_address, "tls": self.tls, "model_id": self.service.model_id,
             "backend": i["backend"], "gallery": i["gallery"]["path"], "gallery_kind": i["gallery"]["kind"],
             "gallery_size": self.service.gallery.size, "metrics_port": self.metrics_port,
         }})

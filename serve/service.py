@@ -29,6 +29,7 @@ from serve.batcher import Batcher, Expired
 
 if TYPE_CHECKING:  # serve.gallery imports faiss and pymilvus: only when a gallery is opened
     from serve.gallery import Gallery, Hit
+    from serve.snapshots import Snapshotter
 
 log = logging.getLogger("hashret.serve")
 
@@ -104,6 +105,7 @@ class RetrievalService:
         limits: Limits = Limits(),
         decode_threads: int = 2,
         info: dict | None = None,
+        snapshots: Snapshotter | None = None,
     ):
         if gallery.bits != engine.bits:
             raise BadInput(f"gallery {gallery.path} | {gallery.bits} bits, engine {engine.bits} bits")
@@ -118,6 +120,8 @@ class RetrievalService:
         # Gallery calls are short but may block (fsync, Milvus RPC); the gallery has its own lock.
         self._gallery_pool = ThreadPoolExecutor(2, thread_name_prefix="hashret-gallery", initializer=_single_omp_thread)
         self._info = info or {}
+        # Background snapshots keep a FAISS gallery's WAL bounded (serve.snapshots); off when None.
+        self.snapshots = snapshots
         self._inline_threads: set[int] = set()
         self._closed = False
 
@@ -357,7 +361,11 @@ class RetrievalService:
             self.gallery.upsert(ids, codes, metas)
             return self.gallery.size
 
+        if self.snapshots is not None:
+            await self.snapshots.room()
         size = await loop.run_in_executor(self._gallery_pool, write)
+        if self.snapshots is not None:
+            self.snapshots.written()
         log.info("upserted %d items", len(ids), extra={"fields": {"count": len(ids), "gallery_size": size}})
         return len(ids), size
 
@@ -370,7 +378,11 @@ class RetrievalService:
             n = self.gallery.delete(ids)
             return n, self.gallery.size
 
+        if self.snapshots is not None:
+            await self.snapshots.room()
         n, size = await loop.run_in_executor(self._gallery_pool, remove)
+        if self.snapshots is not None:
+            self.snapshots.written()
         log.info("deleted %d items", n, extra={"fields": {"count": n, "gallery_size": size}})
         return n, size
 
@@ -383,7 +395,8 @@ class RetrievalService:
         return {
             **self._info,
             "model_id": self.model_id,
-            "gallery": {"id": g.path.name, "kind": g.kind, "model_id": g.model_sha256, "path": str(g.path)},
+            "gallery": {"id": g.path.name, "kind": g.kind, "model_id": g.model_sha256, "path": str(g.path),
+                        "wal": g.wal_stats()},
             "limits": {
                 **self.limits.to_dict(),
                 "max_batch": self.batcher.max_batch,
@@ -402,6 +415,8 @@ class RetrievalService:
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
         self._gallery_pool.shutdown(wait=True)
         try:
+            if self.snapshots is not None:
+                self.snapshots.close()  # after the last write, before the gallery closes
             self.gallery.close()
         finally:
             self.engine.close()

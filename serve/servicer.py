@@ -45,6 +45,16 @@ def _hit(h: Hit) -> pb.Hit:
     return pb.Hit(id=h.id, distance=int(h.distance), metadata=h.metadata)
 
 
+def _gallery_info(g: dict, size: int) -> pb.GalleryInfo:
+    out = pb.GalleryInfo(id=g["id"], kind=g["kind"], size=size, model_id=g["model_id"])
+    wal = g.get("wal")
+    if wal:  # FAISS; Milvus keeps its own log and leaves these unset
+        out.wal_records, out.wal_bytes = int(wal["records"]), int(wal["bytes"])
+        if wal.get("last_snapshot_unix") is not None:
+            out.last_snapshot.FromNanoseconds(int(wal["last_snapshot_unix"] * 1e9))
+    return out
+
+
 class RetrievalServicer(pb_grpc.RetrievalServicer):
     """Thin adapter; `observe(method, code_name, seconds)` receives every call's outcome (metrics, logs)."""
 
@@ -155,9 +165,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                     dataset=m.get("dataset", ""),
                 ),
                 backend=i.get("backend", ""),
-                gallery=pb.GalleryInfo(
-                    id=g["id"], kind=g["kind"], size=await self.service.gallery_size(), model_id=g["model_id"]
-                ),
+                gallery=_gallery_info(g, await self.service.gallery_size()),
                 versions={k: str(v) for k, v in (i.get("versions") or {}).items() if v is not None},
                 limits=pb.Limits(**{k: int(lim[k]) for k in pb.Limits.DESCRIPTOR.fields_by_name if k in lim}),
             )

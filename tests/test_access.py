@@ -216,6 +216,82 @@ def test_token_from_file_or_environment(tmp_path, monkeypatch):
     assert c.token == "file-token" and c.require_token_for_reads
 
 
+TOKEN_FILES = {  # contents -> the token, or the refusal's text
+    "\n  abc  \n\n": "abc",
+    "abc": "abc",
+    "\r\n\tabc def\r\n": "abc def",  # inner spaces survive: the server strips only the ends
+    "abc\ndef": "holds 2 non-empty lines (1, 2) but a token is one line: keep only the token in it",
+    "\nabc\n\n# a comment\n": "holds 2 non-empty lines (2, 4)",
+    "abc\x7fdef": "line 1 holds '\\x7f' at column 4, which an authorization header cannot carry",
+    "tökén": "line 1 holds 'ö' at column 2",
+    " \n\t\n": "is empty: put the token on its first line",
+}
+
+
+@pytest.mark.parametrize("text", list(TOKEN_FILES))
+def test_token_file_is_its_one_non_empty_line(text, tmp_path, monkeypatch):
+    """The rule of `hashret serve`, `hashret query` and the soak alike (hashret.tokens)."""
+    from benchmarks import soak
+    from hashret.errors import BadInput
+    from serve.query import load_token as query_token
+    from serve.server import load_token
+
+    monkeypatch.delenv("HASHRET_TOKEN", raising=False)
+    f = tmp_path / "token.txt"
+    f.write_text(text, encoding="utf-8")
+    soak_args = soak.build_parser().parse_args(["--addr", "127.0.0.1:1", "--token-file", str(f)])
+    readers = {"serve": lambda: load_token(str(f)), "query": lambda: query_token(str(f)),
+               "soak": lambda: soak._token(soak_args)}
+    want = TOKEN_FILES[text]
+    accepted = want in ("abc", "abc def")
+    for who, read in readers.items():
+        if accepted:
+            assert read() == want, who
+        else:
+            with pytest.raises(BadInput) as ei:
+                read()
+            assert str(ei.value).startswith(f"--token-file {f} | ") and want in str(ei.value), (who, str(ei.value))
+    # the environment variable follows the same rule
+    monkeypatch.setenv("HASHRET_TOKEN", text)
+    if accepted:
+        assert load_token(None) == want
+    elif text.strip():
+        with pytest.raises(BadInput, match=r"^\$HASHRET_TOKEN \| "):
+            load_token(None)
+    else:
+        assert load_token(None) is None  # set but blank: as if unset
+
+
+def test_server_with_a_two_line_token_file_refuses_to_start(exp, gallery, tmp_path):
+    """`abc\ndef` would make a token no client can send, so every write would fail: exit 2 at start instead."""
+    from benchmarks.soak import ServerProcess
+
+    f = tmp_path / "token.txt"
+    f.write_text("abc\ndef\n")
+    srv = ServerProcess(exp, _copy(gallery, tmp_path), ["--token-file", str(f)], env={"HASHRET_TOKEN": ""})
+    try:
+        rc = srv.spawn().wait_exit(timeout=120)
+        log = srv.log_text()
+    finally:
+        srv.cleanup()
+    assert rc == 2, log[-2000:]
+    assert f"--token-file {f} | holds 2 non-empty lines" in log and "keep only the token in it" in log, log[-2000:]
+    assert "Traceback" not in log, log[-2000:]
+
+
+# ---- the serving log line ----------------------------------------------------------------------
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
+def test_serving_log_names_the_address_bound(exp, gallery, tmp_path, caplog, host):
+    caplog.set_level("INFO", logger="hashret.serve")
+    with BackgroundServer(cfg(exp, _copy(gallery, tmp_path), host=host)) as srv:
+        with RetrievalClient(srv.address, timeout=30) as c:  # dialled at 127.0.0.1 either way
+            assert c.health() == "SERVING"
+        port = srv.port
+    serving = [r for r in caplog.records if r.name == "hashret.serve" and r.getMessage() == "serving"]
+    assert len(serving) == 1, [r.getMessage() for r in caplog.records]
+    assert port > 0 and serving[0].fields["address"] == f"{host}:{port}", serving[0].fields
+
+
 # ---- ids and payloads are data, never paths -------------------------------------------------
 PATH_IDS = ["../../etc/passwd", "/etc/passwd", "..\\..\\windows\\win.ini", "file:///etc/shadow", "~/.ssh/id_rsa",
             "/proc/self/environ", "gal/../../manifest.json", "wal.jsonl"]

@@ -206,3 +206,44 @@ def test_manifest_bits_disagreeing_with_the_model_is_refused_at_start(exp_all, t
     create_gallery(gal, "faiss-flat", 32, model_id_of(exp)).close()
     code, err = serve_cli(exp, gal, capsys)
     assert code == 2 and "does not produce what its manifest says (32 bits)" in err and "re-export" in err, err
+
+
+# ---- start-up: one manifest read, galleries of the previous release ---------------------------
+def test_start_reads_the_export_manifest_once(exp_all, gallery, tmp_path, monkeypatch):
+    """The EXP manifest is read once at start: the gallery check and the engine share it."""
+    import hashret.manifest as hm
+
+    reads: list[Path] = []
+    real = hm.read_json
+    monkeypatch.setattr(hm, "read_json", lambda path, what="file": reads.append(Path(path)) or real(path, what))
+    gal = _copy(gallery, tmp_path / "gal")
+    assert starts(exp_all, gal)
+    assert reads.count(exp_all / "manifest.json") == 1, reads
+    assert reads.count(gal / "manifest.json") >= 1, reads
+
+
+def test_gallery_of_the_previous_release_is_served(tmp_path):
+    """tests/data/gallery-v1-faiss-flat (written by hashret 0.1.0) serves searches and takes writes."""
+    from benchmarks.soak import synthetic_images
+    from serve.client import Item, RetrievalClient
+    from serve.server import BackgroundServer, ServeConfig
+    from tests.test_fuzz import build_tiny_exp
+
+    exp = build_tiny_exp(tmp_path / "exp16", bits=16)
+    gal = shutil.copytree(Path(__file__).parent / "data" / "gallery-v1-faiss-flat", tmp_path / "gal")
+    m = json.loads((gal / "manifest.json").read_text())
+    assert m["schema_version"] == 1 and m["model"]["bits"] == 16
+    m["model"]["sha256"] = model_id_of(exp)  # bind it to this export (the v1 checksum seals only the file list)
+    (gal / "manifest.json").write_text(json.dumps(m))
+    image = next(iter(synthetic_images(1, (160, 120), seed=5)))
+    cfg = ServeConfig(model=exp, gallery=gal, port=0, metrics_port=None, grace_s=0.5, decode_threads=1,
+                      token="v1-token")
+    with BackgroundServer(cfg) as srv, RetrievalClient(srv.address, token="v1-token") as c:
+        assert c.info().gallery.size == 4
+        assert {h.id for h in c.search(image, k=10)} == {"a.jpg", "b.jpg", "c/ü.jpg", "e.jpg"}
+        code, _ = c.encode(image)
+        assert c.upsert([Item("new.jpg", code=code, metadata={"label": "9"})]) == 1
+    with BackgroundServer(cfg) as srv, RetrievalClient(srv.address) as c:
+        top = c.search(image, k=1)[0]
+        assert (top.id, top.distance, top.metadata) == ("new.jpg", 0, {"label": "9"})
+        assert c.info().gallery.size == 5

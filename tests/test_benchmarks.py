@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import machine, report, search
+from hashret.errors import BadInput
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +78,40 @@ def test_make_codes_real_has_class_structure():
     assert np.array_equal(db, again)
 
 
+def test_make_codes_draws_with_metrics_synthetic_codes():
+    from hashret.metrics import synthetic_codes
+
+    db, q = search.make_codes(300, 32, "real", n_classes=7, noise=0.1, seed=5, n_queries=20, chunk=64)
+    codes, _ = synthetic_codes(320, 32, 7, 0.1, seed=5, chunk=64)
+    assert np.array_equal(q, codes[:20]) and np.array_equal(db, codes[20:])
+    # the queries do not depend on the gallery size, and a smaller gallery is a prefix of a larger
+    # one, chunk boundaries or not (300 + 20 and 1001 + 20 are no multiples of 64 or 50)
+    for chunk in (64, 50):
+        db, q = search.make_codes(300, 32, "real", n_classes=7, noise=0.1, seed=5, n_queries=20, chunk=chunk)
+        db_big, q_big = search.make_codes(1001, 32, "real", n_classes=7, noise=0.1, seed=5, n_queries=20, chunk=chunk)
+        assert np.array_equal(q, q_big) and np.array_equal(db, db_big[:300])
+    with pytest.raises(BadInput, match="--bits"):
+        search.make_codes(10, 12)
+
+
+def test_chunked_synthetic_codes_keep_the_model():
+    """chunk= only changes how the draw is made: same prototypes, same flip rate, same label law."""
+    from hashret.metrics import synthetic_codes
+
+    B, L = synthetic_codes(4000, 64, 4, 0.1, seed=2)
+    Bc, Lc = synthetic_codes(4000, 64, 4, 0.1, seed=2, chunk=1000)
+    assert Bc.shape == B.shape and Bc.dtype == np.uint8 and Lc.dtype == np.int64
+    assert np.array_equal(synthetic_codes(4000, 64, 4, 0.1, seed=2, chunk=1000)[0], Bc)  # seeded
+    bits, bits_c = np.unpackbits(B, axis=1), np.unpackbits(Bc, axis=1)
+    for c in range(4):  # the per-class majority code is the prototype, the same in both draws
+        proto, proto_c = bits[L == c].mean(0) > 0.5, bits_c[Lc == c].mean(0) > 0.5
+        assert np.array_equal(proto, proto_c)
+        assert abs((bits_c[Lc == c] != proto_c).mean() - 0.1) < 0.01  # the flip rate
+    assert np.bincount(Lc, minlength=4).min() > 900
+    with pytest.raises(BadInput, match="chunk"):
+        synthetic_codes(10, 16, 2, 0.1, chunk=0)
+
+
 def test_recall_is_tie_aware():
     db = np.array([[0], [0], [1], [3]], np.uint8)  # distances to query 0: 0, 0, 1, 2
     q = np.zeros((1, 1), np.uint8)
@@ -126,6 +161,43 @@ def test_flat_matches_numpy_exactly():
     db_ = search._popcount_rows(q[:, None, :], db[ib])
     assert np.array_equal(da, db_)
     assert np.array_equal(da, search.exact_distances(q, db, 25))
+
+
+def test_search_kinds_come_from_the_index_registry(tmp_path):
+    """A kind registered in serve.gallery.INDEX_KINDS is offered and timed, through its gallery."""
+    from serve.gallery import INDEX_KINDS
+    from serve.gallery.faiss_index import FaissFlatGallery
+
+    class ProbeFlat(FaissFlatGallery):
+        kind = "bench-probe-flat"
+
+    assert search.all_kinds()[0] == "numpy" and set(search.all_kinds()[1:]) == set(INDEX_KINDS.names())
+    out = tmp_path / "s.json"
+    with INDEX_KINDS.registered(ProbeFlat.kind, ProbeFlat):
+        assert ProbeFlat.kind in search.all_kinds()
+        sub = next(a for a in bench_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        assert ProbeFlat.kind in sub.choices["search"].format_help()
+        args = parse(["search", "--sizes", "500", "--queries", "8", "--k", "5", "--kinds", f"numpy,{ProbeFlat.kind}",
+                      "--warmup", "0", "--batch-repeats", "1", "--out", str(out)])
+        assert search.run(args) == 0
+    assert ProbeFlat.kind not in search.all_kinds()
+    doc = json.loads(out.read_text())
+    rows = {r["kind"]: r for r in doc["results"]}
+    assert set(rows) == {"numpy", ProbeFlat.kind}
+    probe = rows[ProbeFlat.kind]
+    assert probe["recall"] == 1.0 and probe["recall_batch"] == 1.0  # an exact index, ids mapped back to rows
+    assert probe["memory"]["disk_bytes"] > 0
+    assert any(ProbeFlat.kind in n and "through its gallery" in n for n in doc["notes"])
+    with pytest.raises(BadInput, match="unknown: choose from numpy, faiss-flat"):
+        search.run(parse(["search", "--kinds", ProbeFlat.kind, "--out", str(out)]))
+
+
+def test_hnsw_defaults_are_the_gallery_options():
+    from serve.gallery.faiss_index import FaissHNSWGallery
+
+    args = parse(["search"])
+    assert args.hnsw_m == FaissHNSWGallery.OPTIONS["M"][0]
+    assert args.hnsw_ef_construction == FaissHNSWGallery.OPTIONS["ef_construction"][0]
 
 
 def test_search_caps_milvus_and_reports_skip(tmp_path):
@@ -191,6 +263,40 @@ def test_engine_bench_with_fake_engines():
         assert r["threads"] == {"intra_op_threads": 1}
     reasons = {s["backend"]: s["reason"] for s in out["skipped"]}
     assert "not installed" in reasons["missing"] and "boom" in reasons["broken"]
+
+
+def test_engine_bench_thread_option_comes_from_the_registry():
+    from benchmarks import engine
+    from hashret.engines import ENGINES
+
+    assert engine.all_backends() == [name for name, _ in ENGINES.items()] and engine.all_backends()[0] == "torch"
+    assert engine.thread_options("ort-int8", 2) == {"intra_op_threads": 2}
+    assert engine.thread_options("openvino", 2) == {"threads": 2}
+    assert engine.thread_options("tensorrt", 2) == {}  # no CPU thread knob
+    assert engine.thread_options("ort", 0) == {} and engine.thread_options("not-registered", 2) == {}
+    seen = {}
+
+    def opener(exp, backend, device, **opts):
+        seen[backend] = opts
+        return FakeEngine()
+
+    engine.run_engine_bench("EXP", ["ort", "torch"], batches=[1], iters=1, warmup=0, threads=3,
+                            options={"threads": 1}, opener=opener, size=8, progress=lambda *_: None)
+    # an explicit --option wins over the mapped --threads
+    assert seen == {"ort": {"intra_op_threads": 3, "threads": 1}, "torch": {"threads": 1}}
+
+
+def test_standalone_mains_share_error_handling(tmp_path, capsys):
+    """`python -m benchmarks.X` turns a HashretError into `error: ...` and its exit code, like `hashret`."""
+    from benchmarks import cli, gpu_search
+
+    assert gpu_search.main(["--bits", "12", "--sizes", "10", "--device", "cpu", "--methods", "torch-lut",
+                            "--out", str(tmp_path / "g.json")]) == 2
+    assert "error: --bits" in capsys.readouterr().err
+    assert cli.main(["search", "--kinds", "nope", "--out", str(tmp_path / "s.json")]) == 2
+    assert "error: --kinds nope | unknown: choose from numpy" in capsys.readouterr().err
+    assert report.main(["--results", str(tmp_path / "missing"), "--out", str(tmp_path / "r.md")]) == 2
+    assert "error: results folder" in capsys.readouterr().err
 
 
 def test_engine_option_parsing():

@@ -5,10 +5,15 @@
   item is there (Info size, Search of the image items at distance 0, and the stored code and
   metadata of every item read back from the gallery), the index loads, nothing unacknowledged
   beyond the calls in flight appears;
-* a torn last WAL line (a crash mid-append, never acknowledged) is dropped and the rest served;
-* a torn or modified snapshot, a missing snapshot file, a corrupt WAL line followed by others,
-  or an unreadable manifest is detected (sha256 / CRC / JSON) and the server refuses to start:
-  exit code 2 and a message naming the file and the fix, instead of serving.
+* a torn last WAL line (no newline: a crash mid-append, never acknowledged) is moved aside to
+  wal.torn-1, byte for byte, and every whole record is served;
+* a torn or modified snapshot, a missing snapshot file or WAL, a corrupt WAL line (the last one
+  too: a line that ends in its newline was written and fsynced whole, so it may have been
+  acknowledged), or an unreadable or edited manifest is detected (sha256 / CRC / JSON / the
+  manifest checksum / the WAL's sequence numbers) and the server refuses to start: exit code 2
+  and a message naming the file and the fix, with not one byte of the gallery removed;
+* the two reproductions of issue 15: 1,000 items in one acknowledged Upsert then one bit flipped
+  in the WAL's last line, and `"wal_seq": 1` edited to 9 in manifest.json (and sealed again).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import numpy as np
 import pytest
 
 from benchmarks.soak import ServerProcess, synthetic_images
+from hashret.errors import ArtifactMismatch
 from tests.test_fuzz import build_gallery, shared_exp
 
 TOKEN = "crash-token-42"
@@ -168,21 +174,24 @@ def _gallery_with_wal(exp, base_gallery, tmp_path, n: int = 3) -> Path:
     return gal
 
 
-def test_torn_last_wal_line_is_dropped_and_the_rest_served(exp, base_gallery, tmp_path):
+def test_torn_last_wal_line_is_moved_aside_and_the_rest_served(exp, base_gallery, tmp_path):
     from serve._proto import retrieval_pb2 as pb
 
     gal = _gallery_with_wal(exp, base_gallery, tmp_path)
     wal = gal / "wal.jsonl"
     whole = wal.read_bytes()
-    wal.write_bytes(whole + whole.splitlines(keepends=True)[0][:37])  # a crash mid-append
+    torn = whole.splitlines(keepends=True)[0][:37]
+    wal.write_bytes(whole + torn)  # a crash mid-append: no newline, so never acknowledged
     with ServerProcess(exp, gal, SERVER_ARGS, token=TOKEN) as srv:
         ch, stub = _stub(srv.addr)
         with ch:
             assert stub.Info(pb.InfoRequest(), timeout=30).gallery.size == N_BASE + 3
-            # the log was repaired, so the next write lands on a clean line and survives a restart
+            assert wal.read_bytes() == whole  # every whole record as it was, the torn bytes cut...
+            assert (gal / "wal.torn-1").read_bytes() == torn  # ...after being kept aside, not erased
+            # so the next write lands on a clean line and survives a restart
             stub.Upsert(iter([pb.UpsertItem(id="after", code=b"\1" * 8)]), timeout=30,
                         metadata=(("authorization", f"Bearer {TOKEN}"),))
-    assert "torn last line" in srv.log_text()
+    assert "torn last line" in srv.log_text() and "wal.torn-1" in srv.log_text()
     srv.cleanup()
     with ServerProcess(exp, gal, SERVER_ARGS, token=TOKEN) as srv:
         ch, stub = _stub(srv.addr)
@@ -211,9 +220,18 @@ DAMAGE = {
     "truncated codes snapshot": (lambda g: _truncate(_snapshot(g, ".codes.npy")), ".codes.npy", "restore it or rebuild"),
     "modified items snapshot": (lambda g: _flip(_snapshot(g, ".items.jsonl")), ".items.jsonl", "restore it or rebuild"),
     "missing codes snapshot": (lambda g: _snapshot(g, ".codes.npy").unlink(), ".codes.npy", "restore it or rebuild"),
-    "corrupt WAL line before others": (lambda g: _flip_first_wal_line(g), "wal.jsonl", "restore it or rebuild"),
+    "corrupt WAL line before others": (lambda g: _flip_first_wal_line(g), "wal.jsonl", "from a backup or rebuild"),
+    "corrupt last WAL line": (lambda g: _flip_last_wal_line(g), "wal.jsonl", "from a backup or rebuild"),
+    "missing WAL": (lambda g: (g / "wal.jsonl").unlink(), "wal.jsonl", "restore it from a backup"),
     "torn manifest": (lambda g: _truncate(g / "manifest.json"), "manifest.json", "restore or regenerate"),
 }
+
+
+def _flip_last_wal_line(gal: Path) -> None:
+    wal = gal / "wal.jsonl"
+    lines = wal.read_bytes().splitlines(keepends=True)
+    lines[-1] = lines[-1].replace(b'"k":"2"', b'"k":"X"')  # its newline intact: a whole, damaged record
+    wal.write_bytes(b"".join(lines))
 
 
 def _flip_first_wal_line(gal: Path) -> None:
@@ -228,6 +246,7 @@ def test_damaged_gallery_refuses_to_start(exp, base_gallery, tmp_path, case):
     damage, names, fix = DAMAGE[case]
     gal = _gallery_with_wal(exp, base_gallery, tmp_path)
     damage(gal)
+    before = _files(gal)
     srv = ServerProcess(exp, gal, SERVER_ARGS, token=TOKEN).spawn()
     try:
         code = srv.wait_exit(120)
@@ -238,6 +257,12 @@ def test_damaged_gallery_refuses_to_start(exp, base_gallery, tmp_path, case):
     err = [line for line in log.splitlines() if line.startswith("error:")]
     assert err and names in err[-1] and str(gal) in err[-1] and fix in err[-1], log[-3000:]
     assert "hashret.serve: serving" not in log, "it served a damaged gallery"
+    assert _files(gal) == before, "a refused start changed the gallery"
+
+
+def _files(gal: Path) -> dict[str, bytes]:
+    """The gallery's bytes, but for the lock file a start creates."""
+    return {p.name: p.read_bytes() for p in gal.iterdir() if p.is_file() and p.name != ".lock"}
 
 
 def test_damaged_hnsw_graph_refuses_to_start(exp, tmp_path):
@@ -267,3 +292,90 @@ def test_manifest_checksum_guards_the_file_list(exp, base_gallery, tmp_path):
     finally:
         srv.cleanup()
     assert code == 2 and "manifest.json" in log and "checksum does not match" in log, log[-3000:]
+
+
+def _refused_start(exp, gal: Path) -> tuple[int, str]:
+    srv = ServerProcess(exp, gal, SERVER_ARGS, token=TOKEN).spawn()
+    try:
+        return srv.wait_exit(120), srv.log_text()
+    finally:
+        srv.cleanup()
+
+
+def test_issue15_bit_flip_in_the_last_whole_wal_line_refuses_and_keeps_every_byte(exp, base_gallery, tmp_path):
+    """1,000 items in one acknowledged Upsert, the server stopped, one bit flipped inside the WAL's
+    last line (its newline intact): that line was written and fsynced whole, so it is no torn
+    write. The server used to log "torn last line", truncate it and serve 1,000 items fewer."""
+    from serve._proto import retrieval_pb2 as pb
+
+    gal = copy_gallery(base_gallery, tmp_path)
+    rng = random.Random(15)
+    items = [pb.UpsertItem(id=f"bulk/{i:04d}", code=bytes(rng.getrandbits(8) for _ in range(8)),
+                           metadata={"i": str(i)}) for i in range(1000)]
+    srv = ServerProcess(exp, gal, SERVER_ARGS, token=TOKEN).start()
+    try:
+        ch, stub = _stub(srv.addr)
+        with ch:
+            r = stub.Upsert(iter(items), timeout=60, metadata=(("authorization", f"Bearer {TOKEN}"),))
+        assert r.count == 1000  # acknowledged
+        srv.kill()  # stopped with no shutdown snapshot, so the 1,000 items live only in the WAL
+    finally:
+        srv.cleanup()
+    wal = gal / "wal.jsonl"
+    lines = wal.read_bytes().splitlines(keepends=True)
+    last = lines[-1]
+    assert last.endswith(b"\n") and b"bulk/0999" in last
+    damaged = bytearray(b"".join(lines))
+    at = len(damaged) - len(last) + len(last) // 2
+    damaged[at] ^= 0x01
+    wal.write_bytes(bytes(damaged))
+    code, log = _refused_start(exp, gal)
+    err = [line for line in log.splitlines() if line.startswith("error:")]
+    assert code == 2 and err, f"exit code {code}:\n{log[-3000:]}"
+    assert f"{wal} | line {len(lines)} is corrupt" in err[-1] and "from a backup or rebuild" in err[-1], err[-1]
+    assert "serving" not in log and "torn" not in log, log[-3000:]
+    assert wal.read_bytes() == bytes(damaged), "bytes were removed from wal.jsonl"
+    assert not list(gal.glob("wal.torn-*"))
+
+
+def test_issue15_edited_wal_seq_refuses_to_start(exp, base_gallery, tmp_path):
+    """`"wal_seq": 1` edited to 9 used to start with 80 acknowledged items missing (records 2-9
+    skipped as if in the snapshot). The manifest checksum covers wal_seq now; and with the checksum
+    sealed again, the skipped records' writes are found missing from the snapshot."""
+    from hashret.manifest import gallery_checksum
+    from serve.gallery import open_gallery
+
+    gal = copy_gallery(base_gallery, tmp_path)
+    mpath = gal / "manifest.json"
+    assert json.loads(mpath.read_text())["snapshot"]["wal_seq"] == 1
+    with open_gallery(gal) as g:  # records 2..11, ten items each, each acknowledged on return
+        for r in range(10):
+            g.upsert([f"r{r}/{i}" for i in range(10)], np.full((10, 8), r, np.uint8), [{"r": str(r)}] * 10)
+    text = mpath.read_text()
+    assert text.count('"wal_seq": 1,') == 1
+    mpath.write_text(text.replace('"wal_seq": 1,', '"wal_seq": 9,'))
+    before = _files(gal)
+    code, log = _refused_start(exp, gal)
+    err = [line for line in log.splitlines() if line.startswith("error:")]
+    assert code == 2 and err and f"{mpath} | checksum does not match" in err[-1], f"exit {code}:\n{log[-3000:]}"
+    assert _files(gal) == before
+
+    m = json.loads(text)
+    m["snapshot"]["wal_seq"] = 9
+    m["checksum"] = gallery_checksum(m)  # as someone who knows the checksum would
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ArtifactMismatch, match=r"wal\.jsonl \| line 1's write to id 'r0/0' has seq <= the "
+                                                r"manifest's wal_seq 9, so snapshot generation \d+ should hold it"):
+        open_gallery(gal)
+    m["snapshot"]["wal_seq"] = 12  # past the log's end
+    m["checksum"] = gallery_checksum(m)
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ArtifactMismatch, match=r"ends at seq 11, but the snapshot .* holds up to wal_seq 12"):
+        open_gallery(gal)
+    m["snapshot"]["wal_seq"] = 0  # lowered: the log no longer continues the snapshot
+    m["checksum"] = gallery_checksum(m)
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ArtifactMismatch, match=r"starts at seq 2, but the snapshot .* ends at wal_seq 0: "
+                                                r"record 1 is missing"):
+        open_gallery(gal)
+    assert _files(gal) == {**before, "manifest.json": mpath.read_bytes()}

@@ -1,6 +1,7 @@
 """`hashret demo` end to end on a small Grocery subset with the real gRPC server, its re-run
 reuse, and the paths taken without data: no download allowed, the download failing, and the
-archive being unpacked."""
+archive being unpacked; then the demo's own parts: its flags, the reuse ledger and the scores of
+served answers."""
 from __future__ import annotations
 
 import json
@@ -89,7 +90,7 @@ def test_download_failure_is_exit_2_with_instructions(tmp_path, no_env_data, mon
 
 
 def test_download_unpacks_the_archive(tmp_path, no_env_data, monkeypatch):
-    from serve.demo import download_grocery
+    from demo.data import download_grocery
 
     archive = tmp_path / "master.zip"
     with zipfile.ZipFile(archive, "w") as z:
@@ -105,3 +106,83 @@ def test_download_unpacks_the_archive(tmp_path, no_env_data, monkeypatch):
 def test_bad_options_are_exit_2(tmp_path, capsys):
     assert _demo("--workdir", tmp_path, "--limit", 0) == 2
     assert "--limit" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the demo's parts
+DEMO_FLAGS = ["--data", "--workdir", "--fresh", "--limit", "--download-timeout", "--backbone", "--method", "--bits",
+              "--epochs", "--seed", "--formats", "--exporter", "--parity", "--backend", "--queries", "--concurrency",
+              "--sheet", "--examples"]
+
+
+def test_help_keeps_every_flag_and_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        _demo("--help")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in DEMO_FLAGS:
+        assert f"  {flag}" in out, flag
+    assert "--format " not in out and "--device" not in out  # the demo reads Grocery and serves on the CPU
+    from hashret.cli import build_parser
+
+    args = build_parser("demo").parse_args(["demo"])
+    assert (args.backend, args.method, args.bits, args.epochs, args.formats, args.sheet, args.workdir) == (
+        "ort", "dch", 64, 60, "onnx,onnx-int8", 40, "hashret-demo")
+    assert args._module == "demo.cli"
+
+
+def _hit(id_, label, d=0):
+    from serve.client import Hit
+
+    return Hit(id_, d, {"label": str(label)} if label is not None else {})
+
+
+def test_served_scores_from_answers():
+    from demo.queries import Answer, accuracy_scores, retrieval_scores
+
+    answers = [
+        Answer("q0", 1, hits=[_hit("a", 2), _hit("b", 1), _hit("c", 1)]),  # AP (1/2 + 2/3) / 2
+        Answer("q1", 3, hits=[_hit("a", 3)]),  # one hit only (a gallery smaller than k): AP 1
+        Answer("q2", 4, hits=[_hit("a", None), _hit("b", 5)]),  # a hit without a label is a miss
+        Answer("q3", 1, error="UNAVAILABLE: down"),  # counted as failed, not in the means
+    ]
+    r = retrieval_scores(answers, k=3)
+    assert r["queries"] == 4 and r["failed"] == 1
+    assert r["mAP@3"] == pytest.approx(((0.5 + 2 / 3) / 2 + 1 + 0) / 3)
+    assert r["precision@3"] == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
+    assert r["top1"] == pytest.approx(1 / 3)
+    a = accuracy_scores(answers, k=2)
+    assert a["top1"] == pytest.approx(1 / 3) and a["top2"] == pytest.approx(2 / 3) and a["failed"] == 1
+    nothing = retrieval_scores([Answer("q", 1, error="x")], k=3)
+    assert nothing["failed"] == 1 and nothing["mAP@3"] != nothing["mAP@3"]  # NaN: no answered query
+
+
+def test_ledger_reuses_only_unchanged_finished_steps(tmp_path, capsys):
+    from demo.ledger import Ledger
+
+    out = tmp_path / "out"
+    built = []
+
+    def build():
+        out.mkdir()
+        (out / "x").write_text(str(len(built)))
+        built.append(1)
+
+    Ledger(tmp_path, 1, fresh=False).make("s", "a step", {"p": 1}, out, [out / "x"], build)
+    Ledger(tmp_path, 1, fresh=False).make("s", "a step", {"p": 1}, out, [out / "x"], build)
+    assert len(built) == 1 and "s reused" in capsys.readouterr().out
+    Ledger(tmp_path, 1, fresh=False).make("s", "a step", {"p": 2}, out, [out / "x"], build)  # options changed
+    Ledger(tmp_path, 1, fresh=True).make("s", "a step", {"p": 2}, out, [out / "x"], build)  # --fresh
+    assert len(built) == 3 and (out / "x").read_text() == "2"
+
+    def broken():  # dies after writing the output file: a half-made folder that looks finished
+        out.mkdir()
+        (out / "x").write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        Ledger(tmp_path, 1, fresh=False).make("s", "a step", {"p": 3}, out, [out / "x"], broken)
+    # the interrupted step is forgotten, so going back to the old options rebuilds rather than
+    # taking the half-made folder for the old finished one
+    assert "s" not in json.loads((tmp_path / "steps.json").read_text())
+    Ledger(tmp_path, 1, fresh=False).make("s", "a step", {"p": 2}, out, [out / "x"], build)
+    assert len(built) == 4 and (out / "x").read_text() == "3"

@@ -161,6 +161,45 @@ def test_registry_and_availability(exp):
         assert "tensorrt" not in here
 
 
+@pytest.mark.parametrize("backend, option", [
+    ("torch", "threads"), ("ort", "intra_op_threads"), ("ort-fp16", "intra_op_threads"),
+    ("ort-int8", "intra_op_threads"), ("openvino", "threads"), ("openvino-int8", "threads"), ("tensorrt", None),
+])
+def test_thread_option_names_live_in_the_registry(backend, option):
+    spec = backend_spec(backend)
+    assert spec.threads_option == option
+    assert spec.thread_options(None) == {}
+    assert spec.thread_options(2) == ({option: 2} if option else {})
+
+
+def test_ort_gets_its_threads_through_the_generic_count(exp):
+    opts = backend_spec("ort").thread_options(1)
+    with open_engine(exp, "ort", **opts) as eng:
+        assert eng.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_torch_reports_the_threads_in_force(exp):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        with open_engine(exp, "torch", **backend_spec("torch").thread_options(1)) as eng:
+            d = eng.describe()
+        assert d["threads"] == 1 and d["torch_num_threads"] == 1 and d["torch_interop_threads"] >= 1
+    finally:
+        torch.set_num_threads(before)  # torch's pool is process-wide
+
+
+def test_commands_offer_exactly_the_registered_backends():
+    from hashret.cli import build_parser
+
+    for argv in (["serve"], ["check"]):
+        parser = build_parser(argv[0])
+        sub = next(a for a in parser._actions if a.dest == "command").choices[argv[0]]
+        action = next(a for a in sub._actions if a.dest == "backend")
+        assert sorted(action.choices) == ENGINES.names() and action.default == "ort"
+
+
 # ---------------------------------------------------------------- TensorRT
 def test_tensorrt_refuses_engine_from_other_version_or_gpu(tmp_path):
     """The compatibility check runs before deserializing, so it is testable without TensorRT."""

@@ -338,7 +338,7 @@ def test_formats_table_drives_parsing_and_help(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     out = capsys.readouterr().out
-    for f in F.FORMATS:
+    for f in F.rows():
         assert f.name in out and f.file in out
     assert "(default: 256)" in out
 
@@ -371,6 +371,29 @@ def test_export_rejects_bad_arguments(run_exp, tmp_path, capsys, argv, match):
 def test_export_refuses_a_missing_run(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "e")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_defaulted_formats_skip_int8_without_a_dataset(run_exp, tmp_path, monkeypatch, capsys):
+    """No images reachable: a defaulted INT8 is skipped with the reason, the rest is built."""
+    from hashret.manifest import write_manifest
+
+    run, _ = run_exp
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved, copy_function=os.link)
+    m = manifest(moved)
+    m["dataset"]["root"] = str(tmp_path / "gone.csv")
+    (moved / "manifest.json").unlink()  # a hard link: replace, never write through it
+    write_manifest(moved, m)
+    monkeypatch.setenv("HASHRET_DATA", str(tmp_path / "nowhere"))
+    out = tmp_path / "e"
+    assert main(["export", str(moved), "--out", str(out), "--golden", "0", "--no-parity"]) == 0
+    printed = capsys.readouterr().out
+    e = manifest(out)["export"]
+    assert e["skipped"]["onnx-int8"] == "no dataset reachable for calibration (pass --data DIR --format FMT)"
+    assert "skipped onnx-int8: no dataset reachable" in printed
+    assert "onnx-int8" not in e["formats"] and not (out / "model.int8.onnx").exists()
+    assert {"onnx", "onnx-fp16", "triton"} <= set(e["formats"]) and "model.fp16.onnx" in e["files"]
+    assert e["golden"] is None and "golden.npz" not in e["files"]
 
 
 # ---------------------------------------------------------------- TensorRT (GPU hosts only)
@@ -504,6 +527,37 @@ def test_tensorrt_builder_code_paths_without_a_gpu(tmp_path, monkeypatch, major,
     saved = json.loads((tmp_path / "engine.json").read_text())
     assert saved == info and info["tensorrt_version"] == f"{major}.3.0" and info["compute_capability"] == "9.0"
     assert info["source_onnx_sha256"] == sha256_file(src) and info["profile"]["opt"][0] == 4
+
+
+def test_tensorrt_11_step_builds_the_fp16_model_it_reads(exp, tmp_path, monkeypatch):
+    """TensorRT 11 parses model.fp16.onnx: the tensorrt row builds it first when onnx-fp16 was not
+    chosen, the job records it like a chosen format, and the Triton row then serves the plan."""
+    import export.tensorrt as T
+    from export import formats as F
+    from export.job import ExportJob
+    from hashret.cli import build_parser
+    from hashret.images import PreprocessSpec
+
+    trt = _FakeTRT(11)
+    monkeypatch.setattr(T, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(T, "cuda_device_facts", lambda: {"gpu": "Fake GPU", "compute_capability": "9.0"})
+    out = tmp_path / "exp"
+    out.mkdir()
+    shutil.copyfile(exp / "model.onnx", out / "model.onnx")
+    args = build_parser("export").parse_args(["export", "RUN", "--formats", "tensorrt,triton", "--max-batch", "16"])
+    m = manifest(exp)
+    job = ExportJob(args=args, run_dir=exp, exp=out, run_manifest=m, encoder=None,
+                    spec=PreprocessSpec.from_dict(m["preprocessing"]), bits=BITS,
+                    chosen=F.parse_formats(args.formats), built={"onnx": {"opset": 18}}, files=["model.onnx"])
+    info = job.build(F.get("tensorrt"))
+    assert list(job.built) == ["onnx", "onnx-fp16", "tensorrt"] and job.built["tensorrt"] is info
+    assert ("parse", "model.fp16.onnx") in trt.calls and info["source_onnx"] == "model.fp16.onnx"
+    assert info["profile"]["max"][0] == 16 and (out / "model.fp16.onnx").is_file()
+    job.build(F.get("triton"))
+    assert job.files == ["model.onnx", "model.fp16.onnx", "engine.json", "model.plan",
+                         "triton/hashret/config.pbtxt", "triton/hashret/1/model.onnx",
+                         "triton/hashret_trt/config.pbtxt", "triton/hashret_trt/1/model.plan"]
+    assert 'platform: "tensorrt_plan"' in (out / "triton" / "hashret_trt" / "config.pbtxt").read_text()
 
 
 def test_tensorrt_parser_errors_are_reported(tmp_path, monkeypatch):

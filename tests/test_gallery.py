@@ -5,11 +5,18 @@ import json
 import logging
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hashret.errors import ArtifactMismatch, BadInput, NotFound, Unavailable
+from hashret.errors import (
+    ArtifactMismatch,
+    BadInput,
+    MissingArtifact,
+    NotFound,
+    Unavailable,
+)
 from serve.gallery import SCHEMA_VERSION, Hit, create_gallery, open_gallery
 
 try:
@@ -302,7 +309,8 @@ def test_newer_schema_version_is_refused(tmp_path):
     m = json.loads(mpath.read_text())
     m["schema_version"] = SCHEMA_VERSION + 1
     mpath.write_text(json.dumps(m))
-    with pytest.raises(ArtifactMismatch, match=r"manifest\.json \| schema_version 2 is newer .*upgrade hashret"):
+    newer = SCHEMA_VERSION + 1
+    with pytest.raises(ArtifactMismatch, match=rf"manifest\.json \| schema_version {newer} is newer .*upgrade hashret"):
         open_gallery(tmp_path / "g")
 
 
@@ -356,3 +364,129 @@ def test_milvus_topk_cap_and_odd_ids(make, monkeypatch):
     monkeypatch.setattr(mi, "TOPK_CAP", 2)
     with pytest.raises(BadInput, match="Milvus returns at most 2 hits per query"):
         g.search(rand_codes(1), 3)
+
+
+# ---- manifests: one module, older galleries migrated on read ------------------------------
+V1 = Path(__file__).parent / "data"  # made by tests/data/make_gallery_v1.py with the previous release
+V1_SHA = "5eed" + "ab" * 30
+V1_ITEMS = {  # what that release reads back: snapshot + the WAL's upserts (one replacing b.jpg) and delete
+    "a.jpg": ([0, 0], {"label": "0"}),
+    "b.jpg": ([128, 128], {"label": "1", "note": "replaced"}),
+    "c/ü.jpg": ([0, 255], {"label": "2", "class": "Äpfel"}),
+    "e.jpg": ([1, 1], {"label": "4"}),
+}
+
+
+def v1_copy(tmp_path, kind: str) -> Path:
+    dst = tmp_path / f"v1-{kind}"
+    shutil.copytree(V1 / f"gallery-v1-{kind}", dst)
+    return dst
+
+
+def contents(g) -> dict:
+    return {i: (g.get(i)[0].tolist(), g.get(i)[1]) for i in g.ids()}
+
+
+@pytest.mark.parametrize("kind", FAISS_KINDS)
+def test_gallery_of_the_previous_release_opens_and_takes_writes(tmp_path, kind):
+    from hashret.manifest import gallery_checksum
+
+    gal = v1_copy(tmp_path, kind)
+    on_disk = (gal / "manifest.json").read_bytes()
+    assert json.loads(on_disk)["schema_version"] == 1 and "hashret_version" in json.loads(on_disk)
+    with open_gallery(gal, expect_bits=16, expect_model_sha256=V1_SHA) as g:
+        assert (g.kind, g.bits, g.model_sha256, g.size) == (kind, 16, V1_SHA, 4)
+        assert list(contents(g)) == list(V1_ITEMS) and contents(g) == V1_ITEMS
+        assert pairs(g.search(np.zeros((1, 2), np.uint8), 10)[0]) == [
+            ("a.jpg", 0), ("b.jpg", 2), ("e.jpg", 2), ("c/ü.jpg", 8)]
+        m = g.manifest
+        assert (m["schema_version"], m["bits"], m["model_id"]) == (SCHEMA_VERSION, 16, V1_SHA)
+        assert "model" not in m and "hashret_version" not in m and m["versions"] == {"hashret": "0.1.0"}
+        g.upsert(["f.jpg", "a.jpg"], np.array([[7, 7], [9, 9]], np.uint8), [{"label": "5"}, {"label": "0b"}])
+    assert (gal / "manifest.json").read_bytes() == on_disk  # opening and WAL writes never rewrite it
+    with open_gallery(gal) as g:  # the WAL of the new release on top of the v1 snapshot
+        assert contents(g)["a.jpg"] == ([9, 9], {"label": "0b"}) and g.ids()[-1] == "f.jpg"
+        g.delete(["c/ü.jpg"])
+        g.save()
+    m = json.loads((gal / "manifest.json").read_text())
+    assert m["schema_version"] == SCHEMA_VERSION and m["kind"] == "gallery" and m["size"] == 4
+    assert (m["bits"], m["model_id"], m["index"]["kind"]) == (16, V1_SHA, kind)
+    assert "model" not in m and m["checksum"] == gallery_checksum(m)
+    with open_gallery(gal, expect_bits=16, expect_model_sha256=V1_SHA) as g:
+        assert g.ids() == ["a.jpg", "b.jpg", "e.jpg", "f.jpg"]
+        assert contents(g)["f.jpg"] == ([7, 7], {"label": "5"})
+    with pytest.raises(ArtifactMismatch, match=r"built for model 5eedabab…\(16 bits\), engine is 5eedabab…\(64 bits\)"):
+        open_gallery(gal, expect_bits=64)
+
+
+def test_previous_release_gallery_with_an_edited_file_list_is_refused(tmp_path):
+    """The v1 checksum is checked before the migration re-seals it, so tampering still shows."""
+    gal = v1_copy(tmp_path, "faiss-flat")
+    m = json.loads((gal / "manifest.json").read_text())
+    name = next(iter(m["snapshot"]["files"]))
+    m["snapshot"]["files"][name] = "0" * 64
+    (gal / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactMismatch, match=r"checksum does not match its contents .*restore it or rebuild"):
+        open_gallery(gal)
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda m: m.update(schema_version=SCHEMA_VERSION + 1), ArtifactMismatch,
+     rf"gallery manifest .*manifest\.json \| schema_version {SCHEMA_VERSION + 1} is newer than this hashret "
+     rf"supports \({SCHEMA_VERSION}\): upgrade hashret or rebuild with `hashret index build`"),
+    (lambda m: m.update(schema_version="1"), ArtifactMismatch, r"has no valid schema_version \('1'\)"),
+    (lambda m: m.update(kind="export"), ArtifactMismatch, "kind is 'export', expected gallery: check that you passed"),
+    (lambda m: m.update(bits=12), ArtifactMismatch, "12 bits is not a multiple of 8.*rebuild with"),
+    (lambda m: m.pop("model_id"), ArtifactMismatch, "missing model_id or index.kind: rebuild with"),
+    (lambda m: m["index"].update(kind="annoy"), ArtifactMismatch,
+     "index kind 'annoy' is not known here .*install the module that registers it, or rebuild"),
+], ids=["newer-schema", "schema-not-int", "wrong-kind", "bad-bits", "no-model-id", "unknown-index-kind"])
+def test_bad_gallery_manifests_are_refused(tmp_path, edit, error, match):
+    from hashret.manifest import gallery_checksum
+
+    create_gallery(tmp_path / "g", "faiss-flat", BITS, SHA).close()
+    mpath = tmp_path / "g" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    edit(m)
+    m["checksum"] = gallery_checksum(m)  # authentic, so the check under test is the one that refuses
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(error, match=match):
+        open_gallery(tmp_path / "g")
+
+
+def test_missing_gallery_folder_and_manifest_name_the_fix(tmp_path):
+    with pytest.raises(MissingArtifact, match=r"does not exist: check the path, or make it with `hashret index build`"):
+        open_gallery(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingArtifact, match=r"gallery .*empty \| has no manifest\.json: not a gallery folder"):
+        open_gallery(tmp_path / "empty")
+
+
+def test_one_manifest_module_for_run_export_and_gallery(tmp_path):
+    """RUN/, EXP/ and GAL/ are read by one function: the same refusals, each kind's own fix."""
+    from hashret.manifest import KINDS, load_manifest, new_manifest, write_manifest
+
+    for kind in KINDS.values():
+        folder = tmp_path / kind.name
+        write_manifest(folder, new_manifest(kind.name, bits=64) | {"schema_version": kind.version + 1})
+        with pytest.raises(ArtifactMismatch, match=rf"{kind.name} manifest .* is newer .*upgrade hashret or {kind.fix}"):
+            load_manifest(folder, kind=kind.name)
+    write_manifest(tmp_path / "x", {"schema_version": 1, "kind": "playlist"})
+    with pytest.raises(ArtifactMismatch, match="kind 'playlist' is unknown to this hashret"):
+        load_manifest(tmp_path / "x")
+    exp = new_manifest("export", bits=64)
+    write_manifest(tmp_path / "exp", exp)
+    assert load_manifest(tmp_path / "exp", kind=("run", "export")) == exp
+    assert exp["schema_version"] == 1 and set(exp["versions"]) >= {"python", "hashret"}
+
+
+def test_gallery_checksum_seals_exactly_its_fields(monkeypatch):
+    """Sealing one more field is one entry in GALLERY_CHECKSUM_FIELDS (plus a migration)."""
+    import hashret.manifest as hm
+
+    m = {"size": 3, "saved": "t0", "snapshot": {"generation": 1, "wal_seq": 2, "files": {"a": "1" * 64}}}
+    base = hm.gallery_checksum(m)
+    assert hm.gallery_checksum({**m, "saved": "t1"}) == base
+    assert hm.gallery_checksum({**m, "snapshot": {**m["snapshot"], "files": {"a": "2" * 64}}}) != base
+    monkeypatch.setattr(hm, "GALLERY_CHECKSUM_FIELDS", (*hm.GALLERY_CHECKSUM_FIELDS, "saved"))
+    assert hm.gallery_checksum({**m, "saved": "t1"}) != hm.gallery_checksum(m)

@@ -259,3 +259,38 @@ def test_registry_and_hparams_roundtrip():
         assert build_loss(name, **kwargs).hparams() == hp
     with pytest.raises(BadInput):
         build_loss("dch", beta=3)
+
+
+def test_every_loss_entry_describes_itself():
+    """What `hashret train` derives from an entry is there and consistent for every registered loss."""
+    from train.losses import keyword_names
+
+    for name, cls in LOSSES.items():
+        assert cls.name == name and cls.summary, name
+        keywords = keyword_names(cls)
+        for f in cls.flags:
+            assert f.name in keywords and f.flag == "--" + f.name.replace("_", "-"), (name, f)
+        assert list(build_loss(name).hparams()) == ["name", *keywords]
+
+
+def test_builtin_entries_keep_the_cli_defaults():
+    """The values `hashret train` used before the registry carried them (tuned on Grocery, README)."""
+    assert dict(HashNetLoss.train_defaults) == {"epochs": 100, "lr": 3e-4}
+    assert dict(DCHLoss.train_defaults) == {"epochs": 60, "lr": 1e-3}
+    assert {f.name: f.default for f in HashNetLoss.flags} == {"alpha": None, "beta_gamma": 0.3, "beta_power": None}
+    assert {f.name: f.default for f in DCHLoss.flags} == {"gamma": None, "quant_weight": None}
+    assert [n for n, _ in LOSSES.items()] == ["hashnet", "dch", "csq"]  # CSQ's own entry: tests/test_csq.py
+
+
+def test_registered_is_temporary():
+    class Tmp(DCHLoss):
+        name = "tmp-dch"
+
+    with LOSSES.registered("tmp-dch", Tmp):
+        assert build_loss("tmp-dch", gamma=5.0).hparams() == {"name": "tmp-dch", "gamma": 5.0, "quant_weight": 0.1,
+                                                              "eps": 1e-4}
+        with pytest.raises(ValueError, match="already registered"):
+            LOSSES.register("tmp-dch")(Tmp)
+    assert "tmp-dch" not in LOSSES
+    with pytest.raises(ValueError, match="'tmp-dch' is not registered"):
+        LOSSES.unregister("tmp-dch")

@@ -15,6 +15,7 @@ from hashret.metrics import (
     precision_at_k,
     precision_within_radius,
     synthetic_codes,
+    tie_aware_map,
 )
 
 # --------------------------------------------------------------------------- references
@@ -180,13 +181,16 @@ def test_pr_curve(case):
 def test_evaluate_matches_functions(case, chunk):
     qB, dB, qL, dL = case
     m = evaluate(qB, dB, qL, dL, ks=(1, 10), chunk=chunk)
-    assert set(m) == {"mAP@all", "mAP@1", "mAP@10", "precision@1", "precision@10", "precision@H<=2"}
+    assert set(m) == {"mAP@all", "mAP@1", "mAP@10", "precision@1", "precision@10", "precision@H<=2",
+                      "mAP@all(tie-aware)", "mAP@1(tie-aware)", "mAP@10(tie-aware)"}
     assert all(type(v) is float for v in m.values())
     assert m["mAP@all"] == pytest.approx(r_map(qB, dB, qL, dL))
     assert m["mAP@10"] == pytest.approx(r_map(qB, dB, qL, dL, 10))
     assert m["mAP@1"] == pytest.approx(r_map(qB, dB, qL, dL, 1))
     assert m["precision@10"] == pytest.approx(r_pk(qB, dB, qL, dL, 10))
     assert m["precision@H<=2"] == pytest.approx(r_prad(qB, dB, qL, dL, 2))
+    assert m["mAP@all(tie-aware)"] == pytest.approx(tie_aware_map(qB, dB, qL, dL))
+    assert m["mAP@10(tie-aware)"] == pytest.approx(tie_aware_map(qB, dB, qL, dL, topk=10))
 
 
 def test_evaluate_default_keys():
@@ -368,3 +372,34 @@ def test_synthetic_codes():
         synthetic_codes(10, 16, 2, 1.5, 0)
     with pytest.raises(BadInput, match="n_classes"):
         synthetic_codes(10, 16, 0, 0.1, 0)
+
+
+# --------------------------------------------------------------------------- ranked lists
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_ranked_map_matches_map_on_codes(case, k):
+    """Ranking the codes ourselves and scoring the lists gives mAP@k of the codes."""
+    qB, dB, qL, dL = case
+    rel = [r_ranked(q, dB.tolist(), ql, dL.tolist())[:k] for q, ql in zip(qB.tolist(), qL.tolist())]
+    got = metrics.mean_average_precision_ranked(np.array(rel))
+    assert math.isclose(got, mean_average_precision(qB, dB, qL, dL, topk=k), abs_tol=1e-12)
+    assert math.isclose(got, r_map(qB, dB, qL, dL, topk=k), abs_tol=1e-12)
+
+
+def test_ranked_map_by_hand_and_padding():
+    # AP of [0,1,1] is (1/2 + 2/3) / 2; a list with nothing relevant counts as 0
+    assert math.isclose(metrics.mean_average_precision_ranked([[0, 1, 1], [0, 0, 0]]), (0.5 + 2 / 3) / 4)
+    # padding a short answer list with non-relevant entries leaves its AP unchanged
+    assert metrics.mean_average_precision_ranked([[True]]) == metrics.mean_average_precision_ranked([[1, 0, 0]]) == 1.0
+
+
+@pytest.mark.parametrize("rel, match", [
+    ([1, 0, 1], r"shape \(3,\)"),
+    (np.zeros((0, 5)), r"shape \(0, 5\)"),
+    ([[0, 2]], "0/1"),
+    ([["a", "b"]], "0/1"),
+])
+def test_ranked_map_bad_input(rel, match):
+    with pytest.raises(BadInput, match=match):
+        metrics.mean_average_precision_ranked(rel)

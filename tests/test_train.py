@@ -195,6 +195,63 @@ def test_decompression_bomb_is_refused(side):
         decode_image(data, max_pixels=10_000_000)
 
 
+def _png_header(w: int, h: int) -> bytes:
+    """A valid-looking 1-bit PNG whose IHDR claims w x h (a few dozen bytes; never allocated here)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def _jpeg_header(w: int, h: int) -> bytes:
+    """A baseline JPEG header (SOF0 claiming w x h, 3 components, SOS) with no real scan data."""
+    import struct
+
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 17, 8, h, w, 3) + b"\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+    sos = b"\xff\xda" + struct.pack(">HB", 12, 3) + b"\x01\x00\x02\x11\x03\x11\x00\x3f\x00"
+    return b"\xff\xd8" + sof + sos + b"\0" * 16 + b"\xff\xd9"
+
+
+# 9500x9500 and 10000x10000 lie between Pillow's warning limit (~89.5 MP) and its hard one
+# (~179 MP); 30000x30000 and 60000x60000 are over both, where Pillow refuses before we see a size
+@pytest.mark.parametrize("fmt, w, h", [("png", 10000, 10000), ("png", 30000, 30000),
+                                       ("jpeg", 9500, 9500), ("jpeg", 60000, 60000)])
+@pytest.mark.parametrize("max_pixels", [50_000_000, 12_345_678])
+def test_pixel_limit_message_quotes_max_pixels_never_pillows(fmt, w, h, max_pixels):
+    data = (_png_header if fmt == "png" else _jpeg_header)(w, h)
+    assert len(data) < 100
+    if w * h <= 2 * Image.MAX_IMAGE_PIXELS:  # Pillow reads the size back: the header is a real one
+        with pytest.warns(Image.DecompressionBombWarning):
+            assert Image.open(io.BytesIO(data)).size == (w, h)
+    with pytest.raises(BadInput) as ei:
+        decode_image(data, max_pixels=max_pixels, name="upload")
+    msg = str(ei.value)
+    assert msg.startswith("upload | ") and "pixel count exceeds the limit" in msg, msg
+    assert f"of {max_pixels} (--max-pixels)" in msg and str(w * h) in msg, msg
+    for pillows in (Image.MAX_IMAGE_PIXELS, 2 * Image.MAX_IMAGE_PIXELS):
+        assert str(pillows) not in msg, msg
+    assert "decompression bomb DOS" not in msg, msg
+
+
+def test_crafted_headers_under_the_limit_reach_the_decoder():
+    """The control for the test above: the same headers, small, are parsed (and fail only for lack of data)."""
+    for data in (_png_header(500, 400), _jpeg_header(500, 400)):
+        assert Image.open(io.BytesIO(data)).size == (500, 400)
+        with pytest.raises(BadInput, match="corrupt or truncated"):
+            decode_image(data, name="upload")
+
+
+def test_max_pixels_above_what_pillow_decodes_says_so():
+    """--max-pixels set past Pillow's hard limit: the refusal says to lower it, not that the image is allowed."""
+    with pytest.raises(BadInput, match=r"900000000 pixels is more than the decoder accepts, although "
+                                       r"--max-pixels is 1000000000: downscale it, and set --max-pixels to at most"):
+        decode_image(_png_header(30000, 30000), max_pixels=1_000_000_000, name="upload")
+
+
 # ----------------------------------------------------------------------------- backbones
 def test_resnet50_weights_options(tmp_path):
     bb = build_backbone("resnet50", "none")
@@ -259,8 +316,12 @@ def test_train_writes_a_complete_run_and_repeats_exactly(subset, tmp_path):
     assert m["versions"]["torch"] and m["weights"] == "model.pt"
     for png in ("loss.png", "pr_curve.png"):
         assert (tmp_path / "a" / "plots" / png).stat().st_size > 1000
+    # the registry-derived defaults record what the hand-written flags recorded before
+    assert m["method"] == {"name": "dch", "gamma": 20.0, "quant_weight": 0.1, "eps": 1e-4}
+    assert m["training"]["epochs"] == 5 and m["training"]["lr"] == 1e-3
     enc, _ = load_encoder(tmp_path / "a")
-    z = enc(torch.zeros(2, 224, 224, 3, dtype=torch.uint8))
+    with torch.no_grad():
+        z = enc(torch.zeros(2, 224, 224, 3, dtype=torch.uint8))
     assert z.shape == (2, 16) and float(z.abs().max()) <= 1.0
     # second run: same seed, cached features, identical weights
     assert _train(subset, tmp_path / "b", cache, "--method", "dch") == 0
@@ -274,6 +335,41 @@ def test_train_hashnet_learns_something(subset, tmp_path):
     assert _train(subset, tmp_path / "h", tmp_path / "cache", "--method", "hashnet", "--epochs", "30") == 0
     metrics = json.loads((tmp_path / "h" / "metrics.json").read_text())
     assert metrics["mAP@all"] > 0.3  # 8 classes: chance is about 0.13
+    m = load_manifest(tmp_path / "h", "run")
+    assert m["method"] == {"name": "hashnet", "alpha": None, "beta_init": 1.0, "beta_gamma": 0.3,
+                           "beta_power": 0.5, "beta_step": 1}
+    assert m["training"]["epochs"] == 30 and m["training"]["lr"] == 3e-4
+
+
+@pytest.mark.parametrize(
+    "argv, epochs, lr, hparams",
+    [
+        ([], 60, 1e-3, {}),
+        (["--method", "hashnet"], 100, 3e-4, {"beta_gamma": 0.3}),
+        (["--method", "hashnet", "--beta-gamma", "0.1", "--alpha", "0.5", "--epochs", "7"], 7, 3e-4,
+         {"alpha": 0.5, "beta_gamma": 0.1}),
+        (["--gamma", "5", "--lr", "0.01"], 60, 0.01, {"gamma": 5.0}),
+        (["--method", "csq"], 60, 1e-3, {}),
+        (["--method", "csq", "--quant-weight", "0.01"], 60, 1e-3, {"quant_weight": 0.01}),  # a flag DCH shares
+    ],
+)
+def test_method_defaults_and_hparams_come_from_the_loss(argv, epochs, lr, hparams):
+    from hashret.cli import build_parser
+    from train.train import loss_hparams, resolve_defaults
+
+    args = build_parser("train").parse_args(["train", "--out", "x", *argv])
+    resolve_defaults(args)
+    assert (args.epochs, args.lr, loss_hparams(args)) == (epochs, lr, hparams)
+
+
+def test_another_losss_flag_is_ignored_with_a_warning(caplog):
+    from hashret.cli import build_parser
+    from train.train import loss_hparams, resolve_defaults
+
+    args = build_parser("train").parse_args(["train", "--out", "x", "--method", "hashnet", "--gamma", "5"])
+    resolve_defaults(args)
+    assert "gamma" not in loss_hparams(args)
+    assert "--gamma | a hyper-parameter of dch, not of --method hashnet: ignored" in caplog.text
 
 
 def test_train_bad_bits_and_unreadable_image(subset, tmp_path):

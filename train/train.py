@@ -1,5 +1,9 @@
-"""`hashret train`: a hash head (HashNet or DCH) on cached backbone features, optionally
-fine-tuning the backbone's last block, evaluated on binary codes, written as a RUN folder.
+"""`hashret train`: a hash head trained with a registered loss (train/losses.py: HashNet, DCH, CSQ)
+on cached backbone features, optionally fine-tuning the backbone's last block, evaluated on
+binary codes, written as a RUN folder.
+
+`--method`, the losses' hyper-parameter flags and the per-loss defaults of `--epochs` and `--lr`
+all come from the loss registry, so a new loss needs no edit here.
 
 Runs unchanged under `torchrun --nproc-per-node N -m hashret train ...` (DDP).
 """
@@ -9,41 +13,52 @@ import argparse
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from hashret.cliargs import add_data_args, add_device_arg, add_output_args, add_progress_arg
 from hashret.codes import check_bits, pack
-from hashret.datasets import FORMATS, SplitOptions, default_data_root, read_dataset
+from hashret.datasets import Sample, SplitOptions, Splits, default_data_root, read_dataset
 from hashret.errors import BadInput
+from hashret.fsutil import atomic_write
+from hashret.manifest import file_entry
 from hashret.metrics import evaluate, mean_average_precision_cosine, pr_curve
-from hashret.models import BACKBONES, HashEncoder, HashHead, build_backbone
+from hashret.models import BACKBONES, Backbone, HashEncoder, HashHead, build_backbone
 from train import distributed
 from train.features import cached_features
-from train.losses import LOSSES, build_loss, similarity
+from train.losses import LOSSES, HashLoss, HParamFlag, build_loss, keyword_default, keyword_names
 from train.run_folder import run_manifest, write_run
 
 log = logging.getLogger("hashret.train")
 
 
 # ----------------------------------------------------------------------------- arguments
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    """Shared by train, export and index build."""
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="dataset folder or CSV file (default: $HASHRET_DATA, "
-                   "else ../shared/datasets/grocery beside the checkout)")
-    g.add_argument("--format", default="grocery", choices=FORMATS.names(),
-                   help="digix: label.txt with 'relative_path,label'; folder: one sub-folder per class; "
-                        "grocery: GroceryStoreDataset split files; csv: header path,label[,split] (default: grocery)")
-    g.add_argument("--query-fraction", type=float, default=0.2,
-                   help="share of images held out as queries for formats without a fixed split (default: 0.2)")
-    g.add_argument("--skip-bad", action="store_true",
-                   help="skip malformed lines, missing or unreadable images and report them, instead of stopping")
+# Training options a loss may tune through its `train_defaults`, with the value a loss that does
+# not mention one gets. Their flags default to None so an explicit value is told from a default.
+TUNABLE: dict[str, tuple[type, str, object]] = {
+    "epochs": (int, "head training epochs on cached features", 60),
+    "lr": (float, "Adam learning rate of the head", 1e-3),
+}
+DEFAULT_METHOD = "dch"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    try:
+        _add_args(p)
+    except argparse.ArgumentError as e:
+        # argparse names whichever of the two clashing flags came second; either way it is the loss's
+        owners = {f.flag: n for found in loss_flags().values() for n, f in found}
+        if e.argument_name not in owners:
+            raise
+        raise ValueError(f"loss {owners[e.argument_name]!r} | flag {e.argument_name} clashes with a "
+                         "`hashret train` flag: rename the keyword") from None
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = (
         "example:\n  hashret train --data ../shared/datasets/grocery --format grocery \\\n"
@@ -51,7 +66,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "Backbone features are extracted once and cached ($HASHRET_CACHE, default ~/.cache/hashret);\n"
         "the second run with the same images and backbone skips straight to head training."
     )
-    add_data_args(p)
+    g = add_data_args(p)
+    g.add_argument("--query-fraction", type=float, default=0.2,
+                   help="share of images held out as queries for formats without a fixed split (default: 0.2)")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed lines, missing or unreadable images and report them, instead of stopping")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="efficientnet-lite0", choices=BACKBONES.names(),
                    help="resnet50 is the reference backbone; efficientnet-lite0 ships pretrained offline "
@@ -62,19 +81,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bits", type=int, default=64, help="code length, a multiple of 8 (default: 64)")
     g.add_argument("--hidden", type=int, default=1024, help="hidden layer width of the hash head, 0 for none (default: 1024)")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout after the hidden layer (default: 0.2)")
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default="dch", choices=LOSSES.names(),
-                   help="hashnet: weighted pairwise likelihood with tanh(beta z) continuation; "
-                        "dch: Deep Cauchy Hashing (default: dch)")
-    g.add_argument("--gamma", type=float, default=None, help="DCH Cauchy scale (default: the loss's, 20)")
-    g.add_argument("--quant-weight", type=float, default=None, help="DCH quantization loss weight lambda (default: 0.1)")
-    g.add_argument("--alpha", type=float, default=None, help="HashNet sigmoid slope (default: 10/bits)")
-    g.add_argument("--beta-gamma", type=float, default=None, help="HashNet continuation growth rate (default: 0.3)")
-    g.add_argument("--beta-power", type=float, default=None, help="HashNet continuation power (default: 0.5)")
+    add_method_args(p.add_argument_group("method"))
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=None, help="head training epochs on cached features (default: dch 60, hashnet 100)")
+    add_tunable_arg(g, "epochs")
     g.add_argument("--batch-size", type=int, default=256, help="global batch size (default: 256)")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate of the head (default: dch 0.001, hashnet 0.0003)")
+    add_tunable_arg(g, "lr")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 0.0001)")
     g.add_argument("--finetune", default="none", choices=["none", "last-block"],
                    help="also train the backbone's last block on images (slow on CPU; for GPU hosts) (default: none)")
@@ -82,33 +93,96 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-lr", type=float, default=1e-4, help="learning rate for the last block (default: 0.0001)")
     g.add_argument("--limit", type=int, default=None,
                    help="use only the first N images of each split (quick trials and tests) (default: all)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_device_arg(g, default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--seed", type=int, default=0, help="seed for splits, init and batches; a run repeats exactly (default: 0)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="run folder to write (manifest.json, model.pt, metrics.json, plots/)")
+    g = add_output_args(p, required=True, metavar="OUT", progress=False,
+                        help="run folder to write (manifest.json, model.pt, metrics.json, plots/)")
     g.add_argument("--cache-dir", default=None, help="feature cache folder (default: $HASHRET_CACHE/features or ~/.cache/hashret/features)")
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_arg(g)
 
 
-# Per-method defaults, tuned on Grocery frozen features (README, "Quality"). The paper's
-# continuation assumes end-to-end fine-tuning for many more steps; on a frozen backbone with
-# ~1,200 steps HashNet needs beta to grow faster (to ~19 instead of ~2.8 by the end).
-METHOD_DEFAULTS = {
-    "hashnet": {"epochs": 100, "lr": 3e-4, "beta_gamma": 0.3},
-    "dch": {"epochs": 60, "lr": 1e-3},
-}
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def loss_flags() -> dict[str, list[tuple[str, HParamFlag]]]:
+    """Every registered loss's hyper-parameter flags: dest -> [(loss name, flag)], losses by name.
+
+    Two losses may share a flag (same name and type); its help then lists each one's default.
+    A loss description that cannot work is a programming error, reported when the parser is built.
+    """
+    out: dict[str, list[tuple[str, HParamFlag]]] = {}
+    for name in LOSSES.names():
+        cls = LOSSES.get(name)
+        if cls.name != name:
+            raise ValueError(f"loss {name!r} | registered under another name than its class's name "
+                             f"{cls.name!r}: register it as {cls.name!r}")
+        keywords = set(keyword_names(cls))
+        for f in cls.flags:
+            if f.name not in keywords:
+                raise ValueError(f"loss {name!r} | flag {f.flag} is not a keyword of {cls.__name__}: "
+                                 f"rename it to one of {sorted(keywords)}")
+            if f.name in TUNABLE:
+                raise ValueError(f"loss {name!r} | flag {f.flag} is a training option: set it in train_defaults")
+            if out.get(f.name) and out[f.name][0][1].type is not f.type:
+                raise ValueError(f"loss {name!r} | flag {f.flag} is also declared by loss {out[f.name][0][0]!r} "
+                                 "with another type: rename one of them")
+            out.setdefault(f.name, []).append((name, f))
+        unknown = set(cls.train_defaults) - set(TUNABLE)
+        if unknown:
+            raise ValueError(f"loss {name!r} | train_defaults {sorted(unknown)} are not training options "
+                             f"it may tune ({', '.join(TUNABLE)}): move hyper-parameters to its flags")
+    return out
+
+
+def add_method_args(g) -> None:
+    """`--method` and the losses' hyper-parameter flags, all derived from the loss registry."""
+    flags = loss_flags()  # checks every entry before any of them reaches the parser
+    g.add_argument("--method", default=DEFAULT_METHOD, choices=LOSSES.names(),
+                   help="; ".join(f"{n}: {cls.summary}" for n, cls in LOSSES.items())
+                        + f" (default: {DEFAULT_METHOD})")
+    for dest, owners in flags.items():
+        shown = [(n, f.default_text.format(_shown(flag_default(LOSSES.get(n), f)))) for n, f in owners]
+        default = shown[0][1] if len(shown) == 1 else ", ".join(f"{n} {text}" for n, text in shown)
+        f = owners[0][1]
+        g.add_argument(f.flag, dest=dest, type=f.type, default=None, help=f"{f.help} (default: {default})")
+
+
+def add_tunable_arg(g, dest: str) -> None:
+    kind, text, _ = TUNABLE[dest]
+    per_loss = ", ".join(f"{n} {_shown(tuned_default(LOSSES.get(n), dest))}" for n in LOSSES.names())
+    g.add_argument("--" + dest.replace("_", "-"), type=kind, default=None, help=f"{text} (default: {per_loss})")
+
+
+def flag_default(cls, f: HParamFlag):
+    """What the loss gets for a flag left out: the flag's default, else the constructor's."""
+    return f.default if f.default is not None else keyword_default(cls, f.name)
+
+
+def tuned_default(cls, dest: str):
+    return cls.train_defaults.get(dest, TUNABLE[dest][2])
 
 
 def resolve_defaults(args) -> None:
-    """Fill flags left at None with the method's defaults; explicit flags always win."""
-    for name, value in METHOD_DEFAULTS[args.method].items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value(args.bits) if callable(value) else value)
+    """Fill flags left at None from the chosen loss's entry; explicit flags always win."""
+    cls = LOSSES.get(args.method)
+    for dest in TUNABLE:
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, tuned_default(cls, dest))
+    for f in cls.flags:
+        if getattr(args, f.name, None) is None and f.default is not None:
+            setattr(args, f.name, f.default)
+    own = {f.name for f in cls.flags}
+    for dest, owners in loss_flags().items():
+        if dest not in own and getattr(args, dest, None) is not None:
+            log.warning("%s | a hyper-parameter of %s, not of --method %s: ignored", owners[0][1].flag,
+                        " and ".join(n for n, _ in owners), args.method)
 
 
 def loss_hparams(args) -> dict:
-    names = {"hashnet": ("alpha", "beta_gamma", "beta_power"), "dch": ("gamma", "quant_weight")}[args.method]
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    """The chosen loss's keyword arguments from its flags (flags left unset let the loss decide)."""
+    return {f.name: getattr(args, f.name) for f in LOSSES.get(args.method).flags
+            if getattr(args, f.name, None) is not None}
 
 
 def seed_everything(seed: int) -> None:
@@ -154,7 +228,7 @@ def train_head(
                 continue
             mine = batch[d.rank::d.world]
             h = model(F[mine])
-            loss = loss_fn(h, similarity(L[mine]))
+            loss = loss_fn.batch_loss(h, L[mine])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -210,7 +284,7 @@ def finetune_last_block(encoder: HashEncoder, backbone, samples, loss_fn, args, 
             x = x.to(device)
             # the loss applies its own activation, so train on the head's logits
             h = encoder.head(encoder.backbone(encoder.normalize(x)))
-            loss = loss_fn(h, similarity(labels.to(device)))
+            loss = loss_fn.batch_loss(h, labels.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if d.enabled:  # average gradients across ranks (what DDP does, without its unused-parameter rules)
@@ -235,7 +309,7 @@ def encode_images(encoder: HashEncoder, samples, spec, device) -> np.ndarray:
 
     encoder.eval().to(device)
     out = []
-    for idx, x, errs in DataLoader(ImageList(samples, spec), batch_size=64, collate_fn=collate,
+    for _, x, errs in DataLoader(ImageList(samples, spec), batch_size=64, collate_fn=collate,
                                    num_workers=num_workers()):
         if errs:
             raise BadInput(errs[0][1])
@@ -254,10 +328,39 @@ def run(args) -> int:
         distributed.cleanup(d)
 
 
-def _run(args, d, device: str, t0: float) -> int:
+def _run(args, d: distributed.Dist, device: str, t0: float) -> int:
     check_bits(args.bits, "--bits")
     resolve_defaults(args)
     seed_everything(args.seed)
+    splits = read_splits(args, d)
+    backbone = build_backbone(args.backbone, args.weights)
+    feats = extract_features(splits, backbone, args, d, device)
+    t_feat = time.time() - t0
+    head, loss_fn, method, history = fit_head(backbone.dim, feats.train, args, d)
+    t_head = time.time() - t0 - t_feat
+    encoder = HashEncoder(backbone, head)
+    ft_history = []
+    if args.finetune == "last-block":
+        ft_history = finetune_last_block(encoder, backbone, feats.train.samples, loss_fn, args, d, device)
+    Zq, Zd = final_codes(encoder, feats, args.finetune == "last-block", device)
+    metrics = evaluate_codes(Zq, Zd, feats.query.L.numpy(), feats.database.L.numpy())
+    metrics["timing_s"] = {"features": round(t_feat, 2), "head": round(t_head, 2), "total": round(time.time() - t0, 2)}
+    metrics["feature_cache_hit"] = feats.cache_hit
+    metrics["weights_sha"] = weights_digest(encoder)
+    if d.enabled:  # lets a launcher (and our DDP test) confirm that every rank ended identical
+        print(f"rank {d.rank}/{d.world} weights sha256 {metrics['weights_sha']}", flush=True)
+    if d.main:  # every rank evaluated; one writes
+        out = write_run_folder(args, backbone, encoder, loss_fn, method, splits, feats, metrics, device, d.world)
+        write_plots(out, f"{args.method} {args.bits} bits, {backbone.name}", history, ft_history, Zq, Zd, feats)
+        print(f"run {out}: mAP@all {metrics['mAP@all']:.4f}  mAP@10 {metrics['mAP@10']:.4f}  "
+              f"precision@10 {metrics['precision@10']:.4f}  precision@H<=2 {metrics['precision@H<=2']:.4f}  "
+              f"tie-aware mAP@all {metrics['mAP@all(tie-aware)']:.4f} mAP@10 {metrics['mAP@10(tie-aware)']:.4f}  "
+              f"(continuous mAP@all {metrics['mAP@all(continuous)']:.4f}; features {t_feat:.1f}s, head {t_head:.1f}s)")
+    return 0
+
+
+def read_splits(args, d: distributed.Dist) -> Splits:
+    """The dataset's train / database / query splits, cut to --limit, none of them empty."""
     root = args.data or default_data_root()
     splits = read_dataset(root, args.format, SplitOptions(args.query_fraction, args.seed, args.skip_bad))
     if args.limit:
@@ -268,98 +371,133 @@ def _run(args, d, device: str, t0: float) -> int:
     for name, n in splits.sizes().items():
         if n == 0:
             raise BadInput(f"dataset {root} | the {name} split is empty: check the split column or --query-fraction")
-    bits = args.bits
+    return splits
 
-    backbone = build_backbone(args.backbone, args.weights)
+
+@dataclass
+class Split:
+    """One split's readable samples, their backbone features and their labels, row for row."""
+
+    samples: list[Sample]
+    F: torch.Tensor
+    L: torch.Tensor
+
+
+@dataclass
+class Features:
+    train: Split
+    database: Split
+    query: Split
+    skipped: list[str]  # images the backbone could not read (with --skip-bad)
+    cache_hit: bool
+
+
+def extract_features(splits: Splits, backbone, args, d: distributed.Dist, device: str) -> Features:
+    """Backbone features of every image, from the cache when it has them."""
     uniq = sorted({s.path: s for s in splits.train + splits.database + splits.query}.values(), key=lambda s: s.path)
+
+    def cached(progress: bool):
+        return cached_features(uniq, backbone, args.cache_dir, device=device, skip_bad=args.skip_bad, progress=progress)
 
     # Rank 0 fills the cache; the others wait and read it.
     if d.main:
-        feats, kept, skipped, hit = cached_features(uniq, backbone, args.cache_dir, device=device,
-                                                    skip_bad=args.skip_bad, progress=not args.no_progress)
+        feats, kept, skipped, hit = cached(not args.no_progress)
     distributed.barrier(d)
     if not d.main:
-        feats, kept, skipped, hit = cached_features(uniq, backbone, args.cache_dir, device=device,
-                                                    skip_bad=args.skip_bad, progress=False)
+        feats, kept, skipped, hit = cached(False)
     if skipped and d.main:
         log.warning("skipped %d unreadable images: %s", len(skipped), "; ".join(skipped[:5]))
     row = {uniq[i].path: r for r, i in enumerate(kept.tolist())}
 
-    def take(samples):
+    def take(samples: list[Sample]) -> Split:
         samples = [s for s in samples if s.path in row]
         idx = [row[s.path] for s in samples]
-        return samples, torch.from_numpy(feats[idx]), torch.tensor([s.label for s in samples])
+        return Split(samples, torch.from_numpy(feats[idx]), torch.tensor([s.label for s in samples]))
 
-    train_s, Ft, Lt = take(splits.train)
-    db_s, Fd, Ld = take(splits.database)
-    q_s, Fq, Lq = take(splits.query)
-    t_feat = time.time() - t0
+    return Features(take(splits.train), take(splits.database), take(splits.query), skipped, bool(hit))
 
+
+def fit_head(dim: int, train: Split, args, d: distributed.Dist) -> tuple[HashHead, HashLoss, dict, list[float]]:
+    """A fresh hash head trained with the chosen loss on the train split's cached features.
+
+    Also returns the manifest's ``method``: the loss's hyper-parameters plus what its setup decided.
+    """
     torch.manual_seed(args.seed)
-    head = HashHead(backbone.dim, bits, args.hidden, args.dropout)
+    head = HashHead(dim, args.bits, args.hidden, args.dropout)
     loss_fn = build_loss(args.method, **loss_hparams(args))
-    t1 = time.time()
-    history = train_head(head, Ft, Lt, loss_fn, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    method = method_record(loss_fn, loss_fn.setup(train.L, args.bits, args.seed))
+    history = train_head(head, train.F, train.L, loss_fn, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, d=d, progress=not args.no_progress)
-    t_head = time.time() - t1
-    encoder = HashEncoder(backbone, head)
-    ft_history: list[float] = []
-    if args.finetune == "last-block":
-        ft_history = finetune_last_block(encoder, backbone, train_s, loss_fn, args, d, device)
+    return head, loss_fn, method, history
 
-    # Evaluation on binary codes (every rank computes it; rank 0 writes).
-    head.eval()
+
+def method_record(loss_fn: HashLoss, setup: dict) -> dict:
+    """The run manifest's ``method``: hyper-parameters, then the setup's record (file digests join later)."""
+    hparams = loss_fn.hparams()
+    clash = sorted(set(setup) & (set(hparams) | {"files"}))
+    if clash:  # a loss written wrongly, not a user's mistake
+        raise ValueError(f"loss {hparams['name']!r} | setup record keys {clash} repeat a hyper-parameter or "
+                         "'files': rename them")
+    return {**hparams, **setup}
+
+
+@torch.no_grad()
+def final_codes(encoder: HashEncoder, feats: Features, finetuned: bool, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Query and database activations of the trained model (from images once the backbone moved)."""
     encoder.eval()
-    with torch.no_grad():
-        if args.finetune == "last-block":
-            Zq = encode_images(encoder, q_s, backbone.spec, device)
-            Zd = encode_images(encoder, db_s, backbone.spec, device)
-        else:
-            Zq = torch.tanh(head(Fq)).numpy()
-            Zd = torch.tanh(head(Fd)).numpy()
-    qB, dB = pack(Zq), pack(Zd)
-    qL, dL = Lq.numpy(), Ld.numpy()
-    metrics = evaluate(qB, dB, qL, dL)
+    if finetuned:
+        return (encode_images(encoder, feats.query.samples, encoder.spec, device),
+                encode_images(encoder, feats.database.samples, encoder.spec, device))
+    return torch.tanh(encoder.head(feats.query.F)).numpy(), torch.tanh(encoder.head(feats.database.F)).numpy()
+
+
+def evaluate_codes(Zq: np.ndarray, Zd: np.ndarray, qL: np.ndarray, dL: np.ndarray) -> dict:
+    """Retrieval metrics on the binary codes, plus continuous mAP to show what binarizing costs."""
+    metrics = evaluate(pack(Zq), pack(Zd), qL, dL)
     metrics["mAP@all(continuous)"] = mean_average_precision_cosine(Zq, Zd, qL, dL)
     metrics["mAP@10(continuous)"] = mean_average_precision_cosine(Zq, Zd, qL, dL, topk=10)
-    metrics["timing_s"] = {"features": round(t_feat, 2), "head": round(t_head, 2), "total": round(time.time() - t0, 2)}
-    metrics["feature_cache_hit"] = bool(hit)
-    metrics["weights_sha"] = weights_digest(encoder)
+    return metrics
 
-    if d.enabled:  # lets a launcher (and our DDP test) confirm that every rank ended identical
-        print(f"rank {d.rank}/{d.world} weights sha256 {metrics['weights_sha']}", flush=True)
-    if d.main:
-        out = Path(args.out)
-        manifest = run_manifest(
-            backbone, bits,
-            head={"hidden": args.hidden, "dropout": args.dropout},
-            method=loss_fn.hparams(),
-            training={
-                "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                "weight_decay": args.weight_decay, "seed": args.seed, "finetune": args.finetune,
-                "finetune_epochs": args.finetune_epochs if args.finetune != "none" else 0,
-                "device": device, "world_size": d.world, "limit": args.limit,
-            },
-            dataset={
-                "format": splits.format, "root": str(Path(splits.root).resolve()), "fingerprint": splits.fingerprint(),
-                "sizes": {"train": len(train_s), "database": len(db_s), "query": len(q_s)},
-                "skipped": splits.skipped + skipped, "query_fraction": args.query_fraction,
-                "limit": args.limit,
-            },
-        )
-        write_run(out, encoder.cpu(), manifest, metrics)
-        from train.plots import plot_loss, plot_pr
 
-        title = f"{args.method} {bits} bits, {backbone.name}"
-        plot_loss(history, out / "plots" / "loss.png", f"head loss: {title}")
-        if ft_history:
-            plot_loss(ft_history, out / "plots" / "finetune_loss.png", f"fine-tune loss: {title}")
-        P, R = pr_curve(qB, dB, qL, dL)
-        plot_pr(P, R, out / "plots" / "pr_curve.png", f"PR (Hamming radius): {title}")
-        print(f"run {out}: mAP@all {metrics['mAP@all']:.4f}  mAP@10 {metrics['mAP@10']:.4f}  "
-              f"precision@10 {metrics['precision@10']:.4f}  precision@H<=2 {metrics['precision@H<=2']:.4f}  "
-              f"(continuous mAP@all {metrics['mAP@all(continuous)']:.4f}; features {t_feat:.1f}s, head {t_head:.1f}s)")
-    return 0
+def write_run_folder(args, backbone: Backbone, encoder: HashEncoder, loss_fn: HashLoss, method: dict, splits: Splits,
+                     feats: Features, metrics: dict, device: str, world: int) -> Path:
+    out = Path(args.out)
+    files = loss_fn.run_files()
+    if files:  # before the manifest, which then never lists a file that is not there
+        out.mkdir(parents=True, exist_ok=True)
+        for name, array in files.items():
+            atomic_write(out / name, lambda f, a=array: np.save(f, a))
+        method = {**method, "files": {name: file_entry(out / name) for name in files}}
+    manifest = run_manifest(
+        backbone, args.bits,
+        head={"hidden": args.hidden, "dropout": args.dropout},
+        method=method,
+        training={
+            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+            "weight_decay": args.weight_decay, "seed": args.seed, "finetune": args.finetune,
+            "finetune_epochs": args.finetune_epochs if args.finetune != "none" else 0,
+            "device": device, "world_size": world, "limit": args.limit,
+        },
+        dataset={
+            "format": splits.format, "root": str(Path(splits.root).resolve()), "fingerprint": splits.fingerprint(),
+            "sizes": {"train": len(feats.train.samples), "database": len(feats.database.samples),
+                      "query": len(feats.query.samples)},
+            "skipped": splits.skipped + feats.skipped, "query_fraction": args.query_fraction,
+            "limit": args.limit,
+        },
+    )
+    return write_run(out, encoder.cpu(), manifest, metrics)
+
+
+def write_plots(out: Path, title: str, history: list[float], ft_history: list[float],
+                Zq: np.ndarray, Zd: np.ndarray, feats: Features) -> None:
+    from train.plots import plot_loss, plot_pr
+
+    plot_loss(history, out / "plots" / "loss.png", f"head loss: {title}")
+    if ft_history:
+        plot_loss(ft_history, out / "plots" / "finetune_loss.png", f"fine-tune loss: {title}")
+    P, R = pr_curve(pack(Zq), pack(Zd), feats.query.L.numpy(), feats.database.L.numpy())
+    plot_pr(P, R, out / "plots" / "pr_curve.png", f"PR (Hamming radius): {title}")
 
 
 def weights_digest(module: nn.Module) -> str:

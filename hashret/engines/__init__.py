@@ -5,6 +5,11 @@ activations [N, bits]. `open_engine(EXP, backend)` reads EXP/manifest.json, refu
 sha256 differs from the manifest (so the server never serves a model other than the one its
 gallery was encoded with), and returns a loaded Engine. Backend modules are imported lazily, and
 each imports its own package lazily, so a missing optional package costs nothing until used.
+
+Adding a backend is one runner module (an `Engine` subclass) plus one `register_backend(BackendSpec(...))`:
+every command's backend choices (`serve`, `check`, `bench engine`, ...), the benchmark lists and the
+mapping of the generic thread count (`serve --engine-threads`, `bench engine --threads`) onto the
+runner's own option come from that entry.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from hashret.manifest import load_manifest, verify_file
 from hashret.registry import Registry
 
 __all__ = ["ENGINES", "BackendSpec", "Engine", "open_engine", "model_id", "available_backends",
-           "backend_spec", "unavailable_reason"]
+           "backend_spec", "register_backend", "unavailable_reason"]
 
 MODEL_ONNX = "model.onnx"
 
@@ -36,27 +41,44 @@ class BackendSpec:
     pip: str  # what to pip install when the package is missing
     needs_gpu: bool = False
     options: tuple[tuple[str, object], ...] = ()  # fixed constructor options (e.g. precision)
+    # The runner's own keyword for "use N CPU threads": the libraries name it differently, and
+    # serve/bench only know the generic count. None: the backend has no such knob (TensorRT).
+    threads_option: str | None = None
 
     def load_class(self) -> type[Engine]:
         return getattr(importlib.import_module(self.module), self.cls)
+
+    def thread_options(self, threads: int | None) -> dict[str, int]:
+        """The constructor options that ask for `threads` CPU threads; {} for None or no such option."""
+        if threads is None or self.threads_option is None:
+            return {}
+        return {self.threads_option: int(threads)}
 
 
 ENGINES: Registry[BackendSpec] = Registry("backend")
 
 
-def _add(spec: BackendSpec) -> None:
-    ENGINES.register(spec.name)(spec)
+def register_backend(spec: BackendSpec) -> BackendSpec:
+    """Add a backend; a name already taken is refused. Entries keep registration order in tables."""
+    return ENGINES.register(spec.name)(spec)
 
 
-_add(BackendSpec("torch", "model.pt", "hashret.engines.torch_engine", "TorchEngine", "torch", "torch"))
-_add(BackendSpec("ort", "model.onnx", "hashret.engines.ort", "OrtEngine", "onnxruntime", "onnxruntime"))
-_add(BackendSpec("ort-int8", "model.int8.onnx", "hashret.engines.ort", "OrtEngine", "onnxruntime", "onnxruntime"))
-_add(BackendSpec("ort-fp16", "model.fp16.onnx", "hashret.engines.ort", "OrtEngine", "onnxruntime", "onnxruntime"))
-_add(BackendSpec("openvino", "model.onnx", "hashret.engines.openvino_engine", "OpenVinoEngine", "openvino", "openvino"))
-_add(BackendSpec("openvino-int8", "model.int8.onnx", "hashret.engines.openvino_engine", "OpenVinoEngine",
-                 "openvino", "openvino"))
-_add(BackendSpec("tensorrt", "model.plan", "hashret.engines.tensorrt_engine", "TensorRTEngine", "tensorrt",
-                 "tensorrt (NVIDIA GPU hosts only)", needs_gpu=True))
+# Registration order is the order of benchmark tables: reference first, then by library.
+_ORT, _OV = "hashret.engines.ort", "hashret.engines.openvino_engine"
+register_backend(BackendSpec("torch", "model.pt", "hashret.engines.torch_engine", "TorchEngine", "torch", "torch",
+                             threads_option="threads"))
+register_backend(BackendSpec("ort", "model.onnx", _ORT, "OrtEngine", "onnxruntime", "onnxruntime",
+                             threads_option="intra_op_threads"))
+register_backend(BackendSpec("ort-fp16", "model.fp16.onnx", _ORT, "OrtEngine", "onnxruntime", "onnxruntime",
+                             threads_option="intra_op_threads"))
+register_backend(BackendSpec("ort-int8", "model.int8.onnx", _ORT, "OrtEngine", "onnxruntime", "onnxruntime",
+                             threads_option="intra_op_threads"))
+register_backend(BackendSpec("openvino", "model.onnx", _OV, "OpenVinoEngine", "openvino", "openvino",
+                             threads_option="threads"))
+register_backend(BackendSpec("openvino-int8", "model.int8.onnx", _OV, "OpenVinoEngine", "openvino", "openvino",
+                             threads_option="threads"))
+register_backend(BackendSpec("tensorrt", "model.plan", "hashret.engines.tensorrt_engine", "TensorRTEngine",
+                             "tensorrt", "tensorrt (NVIDIA GPU hosts only)", needs_gpu=True))
 
 
 def backend_spec(name: str) -> BackendSpec:
@@ -111,14 +133,15 @@ def model_id(exp_manifest: dict) -> str:
 
 
 def open_engine(exp_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu", *,
-                verify: bool = True, **options) -> Engine:
+                verify: bool = True, manifest: dict | None = None, **options) -> Engine:
     """Open EXP's file for `backend`, sha256-verified against the manifest, loaded and ready.
 
-    Raises MissingArtifact when the export lacks the backend's file, ArtifactMismatch when the
+    `manifest`: EXP's manifest when the caller has already read it (serve start-up), so it is read
+    once. Raises MissingArtifact when the export lacks the backend's file, ArtifactMismatch when the
     file differs from the manifest, Unavailable when the backend's package or GPU is missing.
     """
     exp_dir = Path(exp_dir)
-    m = load_manifest(exp_dir, kind="export")
+    m = manifest if manifest is not None else load_manifest(exp_dir, kind="export")
     spec = backend_spec(backend)
     files = (m.get("export") or {}).get("files") or {}
     entry = files.get(spec.file)

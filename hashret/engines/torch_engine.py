@@ -109,6 +109,14 @@ class TorchEngine(Engine):
             i += m
         return np.concatenate(outs)
 
+    def describe(self) -> dict:
+        d = super().describe()
+        if getattr(self, "torch", None) is not None:
+            # torch's pools are process-wide: what is in force, whatever this engine asked for
+            d["torch_num_threads"] = self.torch.get_num_threads()
+            d["torch_interop_threads"] = self.torch.get_num_interop_threads()
+        return d
+
     def _close(self) -> None:
         self._graphs.clear()
         self.model = None

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -169,16 +172,22 @@ class ModelSummary(_message.Message):
     def __init__(self, backbone: _Optional[str] = ..., bits: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., method: _Optional[str] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class GalleryInfo(_message.Message):
-    __slots__ = ("id", "kind", "size", "model_id")
+    __slots__ = ("id", "kind", "size", "model_id", "wal_records", "wal_bytes", "last_snapshot")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    WAL_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    WAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     size: int
     model_id: str
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., size: _Optional[int] = ..., model_id: _Optional[str] = ...) -> None: ...
+    wal_records: int
+    wal_bytes: int
+    last_snapshot: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., size: _Optional[int] = ..., model_id: _Optional[str] = ..., wal_records: _Optional[int] = ..., wal_bytes: _Optional[int] = ..., last_snapshot: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_k", "max_image_bytes", "max_pixels", "max_batch_items", "max_batch", "max_delay_us", "queue_size", "max_id_length")

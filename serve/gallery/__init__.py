@@ -1,31 +1,37 @@
 """Galleries: packed binary codes + ids + metadata, searched by Hamming distance.
 
 A gallery is a folder with a `manifest.json` naming the model it was built for and the
-index kind that stores it ("faiss-flat", "faiss-hnsw", "milvus"). Open it with
-`open_gallery(path, expect_bits=..., expect_model_sha256=...)` so a gallery built by
-another model is refused instead of returning meaningless neighbours.
+index kind that stores it ("faiss-flat", "faiss-hnsw", "milvus", or any kind registered
+in INDEX_KINDS). Open it with `open_gallery(path, expect_bits=..., expect_model_sha256=...)`,
+or for an export with `open_gallery_for_export`, so a gallery built by another model is
+refused instead of returning meaningless neighbours.
+
+Index kinds: every module named `*_index` in this package is imported here, and registers
+its kind with `@index_kind(...)` on import. A new kind is that one module and nothing else;
+the naming convention keeps helpers in this package from being mistaken for kinds.
 """
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 from pathlib import Path
 from typing import Any
 
+from hashret.codes import check_bits
 from hashret.errors import ArtifactMismatch, BadInput
-
+from hashret.manifest import EXPORT, GALLERY, KINDS, MANIFEST, load_manifest
 from serve.gallery.base import (
     INDEX_KINDS,
-    MANIFEST,
     REBUILD,
-    SCHEMA_VERSION,
     Gallery,
     Hit,
-    check_bits,
-    read_manifest,
+    index_kind,
+    new_gallery_manifest,
     short_sha,
 )
-from serve.gallery import faiss_index as _faiss_index  # noqa: F401  (registers faiss-*)
-from serve.gallery import milvus_index as _milvus_index  # noqa: F401  (registers milvus)
+
+SCHEMA_VERSION = KINDS[GALLERY].version
 
 __all__ = [
     "INDEX_KINDS",
@@ -33,8 +39,15 @@ __all__ = [
     "Gallery",
     "Hit",
     "create_gallery",
+    "index_kind",
+    "new_gallery_manifest",
     "open_gallery",
+    "open_gallery_for_export",
 ]
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name.endswith("_index"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def create_gallery(
@@ -62,11 +75,13 @@ def open_gallery(
     expect_bits: int | None = None,
     expect_model_sha256: str | None = None,
 ) -> Gallery:
-    """Open a gallery, refusing one built for a different model or code length."""
+    """Open a gallery, refusing one built for a different model or code length.
+
+    The manifest is read (and migrated from an older schema) by hashret.manifest.
+    """
     path = Path(path)
-    manifest = read_manifest(path)
-    bits = int(manifest["model"]["bits"])
-    sha = str(manifest["model"]["sha256"])
+    manifest = load_manifest(path, kind=GALLERY)
+    bits, sha = int(manifest["bits"]), str(manifest["model_id"])
     if (expect_bits is not None and int(expect_bits) != bits) or (
         expect_model_sha256 is not None and expect_model_sha256 != sha
     ):
@@ -76,5 +91,33 @@ def open_gallery(
             f"gallery {path} | built for model {short_sha(sha)}({bits} bits), "
             f"engine is {short_sha(es)}({eb} bits): {REBUILD}"
         )
-    cls = INDEX_KINDS.get(manifest["index"]["kind"])
-    return cls.open(path, manifest)
+    kind = manifest["index"]["kind"]
+    if kind not in INDEX_KINDS:
+        raise ArtifactMismatch(
+            f"gallery {path} | index kind {kind!r} is not known here (known: {', '.join(INDEX_KINDS.names())}): "
+            f"install the module that registers it, or {REBUILD}"
+        )
+    return INDEX_KINDS.get(kind).open(path, manifest)
+
+
+def open_gallery_for_export(
+    path: str | os.PathLike, exp: str | os.PathLike
+) -> tuple[Gallery, dict[str, Any], str]:
+    """The gallery at `path` opened for the model exported in EXP: (gallery, EXP manifest, model id).
+
+    The one place serve start-up checks that model and gallery agree (model id and bits, with
+    open_gallery's error). EXP/manifest.json is read once here; hand it on (open_engine's
+    `manifest=`) instead of reading it again.
+    """
+    from hashret.engines import model_id
+
+    manifest = load_manifest(exp, kind=EXPORT)
+    mid = model_id(manifest)
+    try:
+        bits = check_bits(manifest.get("bits"))
+    except BadInput:
+        raise BadInput(
+            f"{Path(exp) / MANIFEST} | bits {manifest.get('bits')!r} is missing or not a code length: "
+            f"{KINDS[EXPORT].fix}"
+        ) from None
+    return open_gallery(path, expect_bits=bits, expect_model_sha256=mid), manifest, mid

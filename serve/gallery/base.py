@@ -1,33 +1,44 @@
-"""The abstract gallery: validation, locking and the manifest, shared by every index kind.
+"""The abstract gallery: validation, locking and the index-kind registry, shared by every kind.
 
 Concrete kinds (FAISS, Milvus) implement only the storage primitives (`_upsert`,
 `_delete`, `_search`, ...). Everything a caller can get wrong is checked here once, so
 every kind refuses bad input with the same message, and one lock per gallery makes it
-safe to call from the server's worker threads.
+safe to call from the server's worker threads. The manifest (its fields, schema version,
+migrations and checksum) belongs to hashret.manifest, like RUN/'s and EXP/'s.
+
+A kind is one module `serve/gallery/<name>_index.py` whose Gallery subclass is decorated
+with `@index_kind("<name>")`; serve.gallery imports every such module, so `hashret index
+build --kind`, the server and `create_gallery` know the kind with no other edit.
 """
 from __future__ import annotations
 
 import abc
-import datetime as _dt
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
-import hashret
-from hashret.codes import check_bits
-from hashret.errors import ArtifactMismatch, BadInput, MissingArtifact, NotFound
-from hashret.fsutil import read_json, write_json_atomic
+from hashret.errors import BadInput, NotFound
+from hashret.manifest import GALLERY, KINDS, new_manifest
 from hashret.registry import Registry
 
-MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
-REBUILD = "rebuild with `hashret index build`"
+REBUILD = KINDS[GALLERY].fix
 
 #: index kind name -> Gallery subclass (with `create` and `open` classmethods)
 INDEX_KINDS: Registry[type["Gallery"]] = Registry("index kind")
+
+
+def index_kind(name: str) -> Callable[[type[Gallery]], type[Gallery]]:
+    """Class decorator: register a Gallery subclass as index kind `name` (and set its `kind`)."""
+
+    def deco(cls: type[Gallery]) -> type[Gallery]:
+        cls.kind = name
+        return INDEX_KINDS.register(name)(cls)
+
+    return deco
 
 
 @dataclass(frozen=True)
@@ -43,48 +54,9 @@ def short_sha(sha: str) -> str:
     return f"{sha[:8]}…" if len(sha) > 8 else sha
 
 
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def new_manifest(bits: int, model_sha256: str, index: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "gallery",
-        "model": {"sha256": model_sha256, "bits": bits},
-        "index": index,
-        "size": 0,
-        "checksum": None,
-        "created": now_iso(),
-        "hashret_version": hashret.__version__,
-    }
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """Read GAL/manifest.json and refuse anything this version cannot interpret."""
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise MissingArtifact(f"gallery {path} | no {MANIFEST}: create it with `hashret index build`")
-    m = read_json(mpath, "gallery manifest")
-    if not isinstance(m, dict) or m.get("kind") != "gallery":
-        raise ArtifactMismatch(f"gallery manifest {mpath} | not a gallery manifest: {REBUILD}")
-    version = m.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise ArtifactMismatch(
-            f"gallery manifest {mpath} | schema_version {version!r} is newer than this hashret "
-            f"supports ({SCHEMA_VERSION}): upgrade hashret or {REBUILD}"
-        )
-    try:
-        check_bits(m["model"]["bits"])
-        str(m["model"]["sha256"])
-        str(m["index"]["kind"])
-    except (KeyError, TypeError, BadInput):
-        raise ArtifactMismatch(f"gallery manifest {mpath} | missing model/index fields: {REBUILD}") from None
-    return m
-
-
-def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    write_json_atomic(path / MANIFEST, manifest)
+def new_gallery_manifest(bits: int, model_id: str, index: dict[str, Any]) -> dict[str, Any]:
+    """An empty gallery's manifest; `index` holds the kind and its options."""
+    return new_manifest(GALLERY, bits=bits, model_id=model_id, index=index, size=0, checksum=None)
 
 
 class Gallery(abc.ABC):
@@ -94,12 +66,17 @@ class Gallery(abc.ABC):
     replaces an id keeps its original place), so every kind returns the same list.
     """
 
-    kind: str = ""
+    kind: str = ""  # set by @index_kind
+    #: one line for `hashret index build --help`
+    summary: str = ""
+    #: `hashret index build` flags that set this kind's options: flag -> (option, argparse kwargs).
+    #: Giving one with another --kind is refused, so a flag never silently does nothing.
+    CLI_OPTIONS: ClassVar[dict[str, tuple[str, dict[str, Any]]]] = {}
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self._path = Path(path)
         self._manifest = manifest
-        self._bits = int(manifest["model"]["bits"])
+        self._bits = int(manifest["bits"])
         self._lock = threading.RLock()
         self._closed = False
 
@@ -125,7 +102,8 @@ class Gallery(abc.ABC):
 
     @property
     def model_sha256(self) -> str:
-        return str(self._manifest["model"]["sha256"])
+        """The model id the codes were made by (sha256 of the export's model.onnx)."""
+        return str(self._manifest["model_id"])
 
     @property
     def path(self) -> Path:
@@ -247,6 +225,17 @@ class Gallery(abc.ABC):
         with self._lock:
             self._check_open()
             self._save()
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """Bound the gallery's own write-ahead log now (FAISS; see serve.gallery.faiss_index).
+
+        None for kinds that keep no log of ours: Milvus logs, seals and compacts its own.
+        """
+        return None
+
+    def wal_stats(self) -> dict[str, Any] | None:
+        """{records, bytes} of our WAL since the last snapshot and its time; None without one."""
+        return None
 
     def close(self) -> None:
         """Release files and connections; does not snapshot (writes are already durable)."""
