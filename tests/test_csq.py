@@ -13,8 +13,17 @@ from hashret.errors import BadInput
 from hashret.fsutil import sha256_file
 from hashret.manifest import load_manifest
 from tests.test_train import _subset_csv
-from train.losses import (LOSSES, CSQLoss, DCHLoss, build_loss, hadamard, hash_centers, max_codes, min_distance,
-                          similarity)
+from train.losses import (
+    LOSSES,
+    CSQLoss,
+    DCHLoss,
+    build_loss,
+    hadamard,
+    hash_centers,
+    max_codes,
+    min_distance,
+    similarity,
+)
 
 
 def _distances(C: np.ndarray) -> np.ndarray:
@@ -165,6 +174,17 @@ def test_batch_loss_gives_pairwise_losses_S_and_csq_labels():
     assert dch.batch_loss(h, labels).item() == dch(h, similarity(labels).double()).item()
     assert not DCHLoss.wants_labels and CSQLoss.wants_labels
     assert dch.setup(labels, 8, 0) == {} and dch.run_files() == {}
+
+
+def test_a_setup_record_may_not_overwrite_a_hyper_parameter():
+    from train.train import method_record
+
+    loss = CSQLoss()
+    assert method_record(loss, {"centers": {"kind": "hadamard"}}) == {
+        "name": "csq", "quant_weight": 1e-4, "centers": {"kind": "hadamard"}}
+    for key in ("quant_weight", "name", "files"):
+        with pytest.raises(ValueError, match=rf"setup record keys \['{key}'\] repeat a hyper-parameter"):
+            method_record(loss, {key: 1})
 
 
 @pytest.mark.parametrize(
