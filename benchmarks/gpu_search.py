@@ -98,7 +98,8 @@ class CupySearcher:
         try:
             import cupy as cp
         except Exception as e:
-            raise Unavailable(f"cupy-popc | cupy not importable ({type(e).__name__}: {e}): pip install cupy-cuda12x") from None
+            raise Unavailable(f"cupy-popc | cupy not importable ({type(e).__name__}: {e}): "
+                              "pip install cupy-cuda13x (cupy-cuda12x on a CUDA 12 host)") from None
         if not device.startswith("cuda"):
             raise Unavailable("cupy-popc | needs --device cuda")
         self.cp = cp

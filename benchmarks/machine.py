@@ -20,7 +20,7 @@ from typing import Any
 # Packages whose versions matter to some benchmark (absent ones are recorded as null).
 PACKAGES = (
     "faiss-cpu", "faiss-gpu", "pymilvus", "milvus-lite", "onnx", "onnxruntime", "onnxruntime-gpu",
-    "openvino", "tensorrt", "grpcio", "protobuf", "matplotlib", "cupy-cuda12x",
+    "openvino", "tensorrt", "grpcio", "protobuf", "matplotlib", "cupy-cuda12x", "cupy-cuda13x",
 )
 
 # Environment variables that change how many threads the numeric libraries use.

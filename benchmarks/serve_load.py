@@ -259,19 +259,28 @@ async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requ
 def run_load(addr: str, images: list[bytes], concurrency=(1, 4, 16, 64), max_requests: int = 500,
              seconds: float = 10.0, k: int = 10, rpc: str = "Search", batch_items: int = 8,
              channels: int = 16, timeout: float = 30.0, token: str | None = None, warmup: int = 5,
-             progress=print) -> list[dict[str, Any]]:
-    """One result dict per concurrency level (see _load_level)."""
+             progress=print, metrics: str | None = None) -> list[dict[str, Any]]:
+    """One result dict per concurrency level (see _load_level); with `metrics` (the server's
+    /metrics URL or HOST:PORT) each row also gets "stages": the server's per-stage split over
+    that level (serve.stages.stage_split), warm-up requests included."""
     if not images:
         raise BadInput("images | none to send")
+    from serve.stages import format_split, scrape_stages, stage_split
+
     rows = []
     for c in concurrency:
+        before = scrape_stages(metrics) if metrics else None
         r = asyncio.run(_load_level(addr, images, int(c), max_requests, seconds, k, rpc, batch_items,
                                     channels, timeout, token, warmup))
+        if metrics:
+            r["stages"] = stage_split(before, scrape_stages(metrics))
         rows.append(r)
         errs = ", ".join(f"{k2}={v}" for k2, v in r["errors"].items()) or "none"
         p50 = r.get("p50_ms")
         progress(f"  concurrency {c:>4}: {r['requests_per_s']} req/s, p50 {p50 if p50 is not None else '-'} ms, "
                  f"p99 {r.get('p99_ms', '-')} ms, ok {r['ok']}/{r['sent']}, errors: {errs}")
+        if metrics:
+            progress(f"    server stages (mean): {format_split(r['stages'])}")
     return rows
 
 
@@ -308,6 +317,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "that baseline is what the service-overhead bars compare against (default: time it)")
     g.add_argument("--token-file", metavar="FILE",
                    help="bearer token file, for servers started with --require-token-for-reads (default: none)")
+    g.add_argument("--metrics", metavar="URL",
+                   help="the server's Prometheus endpoint (http://HOST:PORT/metrics or HOST:PORT), read before and "
+                        "after each level to print the per-stage latency split (default: with --model the started "
+                        "server's own; with --addr none)")
     add_out_arg(p, "serve")
 
 
@@ -441,8 +454,18 @@ def run(args) -> int:
     images, img_desc = load_images(args.images)
     server = None
     started = None
+    metrics = getattr(args, "metrics", None)
     if args.model:
-        server = ChildServer(args.model, args.gallery, shlex.split(args.server_args))
+        extra = shlex.split(args.server_args)
+        if metrics is None:  # the split needs the started server's /metrics: open it if not asked for
+            i = extra.index("--metrics-port") + 1 if "--metrics-port" in extra else len(extra)
+            if i < len(extra) and extra[i] != "0":
+                mport = extra[i]
+            else:  # argparse keeps the last of repeated flags: this one wins over a 'pick any' 0
+                mport = str(free_port())
+                extra += ["--metrics-port", mport]
+            metrics = f"127.0.0.1:{mport}"
+        server = ChildServer(args.model, args.gallery, extra)
         t0 = time.perf_counter()
         server.start()
         started = {"command": machine.command_line(["hashret", *server.cmd[3:]]),
@@ -457,7 +480,7 @@ def run(args) -> int:
         if server is not None and not args.no_baseline:
             baseline = engine_baseline(args.model, shlex.split(args.server_args), info, images)
         rows = run_load(addr, images, args.concurrency, args.requests, args.seconds, args.k, args.rpc,
-                        args.batch_items, args.channels, args.timeout, token, args.warmup)
+                        args.batch_items, args.channels, args.timeout, token, args.warmup, metrics=metrics)
     finally:
         if server is not None:
             server.__exit__(None, None, None)

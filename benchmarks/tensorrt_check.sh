@@ -5,21 +5,22 @@
 #
 # 1. exports RUN_OR_EXP (a training RUN, or an EXP: it holds model.pt) to OUT (default:
 #    <RUN_OR_EXP>-trt) with --formats onnx,onnx-fp16,tensorrt,triton (fp16 engine, batch 1..64);
-# 2. `hashret check OUT --backend tensorrt --device cuda` against the golden set (fp16 flips a
-#    few bits near zero, hence the looser thresholds below), and the ort CPU check for contrast;
+# 2. `hashret check OUT --backend tensorrt --device cuda` against the golden set with the fp16
+#    gates of benchmarks/gpu_thresholds.py (fp16 flips bits whose activation sits near zero),
+#    and the ort CPU check for contrast;
 # 3. times the engine: trtexec when on PATH, else `hashret bench engine`, else a python loop.
-# Knobs (environment): PYTHON (python3), MAX_BIT_FLIP (0.01), MAX_MAP_DROP (0.01),
+# Knobs (environment): PYTHON (python3), MAX_BIT_FLIP (0.01), MAX_MAP_DROP (0.02),
 # BATCHES (1,8,32,64), EXPORT_ARGS (extra `hashret export` flags, e.g. "--timing-cache /tmp/tc").
 # Exit status: the TensorRT check's (0 pass, 1 threshold exceeded, 2 artifact problem).
 set -uo pipefail
 
-if [ $# -lt 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; fi
+if [ $# -lt 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; fi
 abspath() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 SRC=$(abspath "${1%/}")
 OUT=$(abspath "${2:-${1%/}-trt}")
 PY=${PYTHON:-python3}
 MAX_BIT_FLIP=${MAX_BIT_FLIP:-0.01}
-MAX_MAP_DROP=${MAX_MAP_DROP:-0.01}
+MAX_MAP_DROP=${MAX_MAP_DROP:-0.02}
 BATCHES=${BATCHES:-1,8,32,64}
 cd "$(dirname "$0")/.." || exit 2
 

@@ -27,6 +27,7 @@ from hashret.errors import BadInput
 def add_args(p: argparse.ArgumentParser) -> None:
     from hashret.models import BACKBONES
     from train.losses import LOSSES
+    from train.train import DEFAULT_METHOD  # the demo trains what `hashret train` would
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = (
@@ -56,7 +57,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training and export")
     g.add_argument("--backbone", default="efficientnet-lite0", choices=BACKBONES.names(),
                    help="(default: efficientnet-lite0)")
-    g.add_argument("--method", default="dch", choices=LOSSES.names(), help="(default: dch)")
+    g.add_argument("--method", default=DEFAULT_METHOD, choices=LOSSES.names(), help=f"(default: {DEFAULT_METHOD})")
     g.add_argument("--bits", type=int, default=64, help="code length, a multiple of 8 (default: 64)")
     g.add_argument("--epochs", type=int, default=60, help="head training epochs (default: 60)")
     g.add_argument("--seed", type=int, default=0, help="(default: 0)")

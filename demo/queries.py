@@ -36,8 +36,11 @@ def hit_label(h) -> int | None:
         return None
 
 
-def query_server(addr: str, queries, k: int, concurrency: int, what: str) -> tuple[list[Answer], float]:
+def query_server(addr: str, queries, k: int, concurrency: int, what: str,
+                 rerank_factor: int | None = None) -> tuple[list[Answer], float]:
     """Search each query image (one Search call each, `concurrency` in flight); per-call latency.
+
+    rerank_factor: as the Search request field (None: the server's default, 0: Hamming order only).
 
     Returns the answers in query order and the wall time of the whole batch (for throughput).
     """
@@ -60,7 +63,7 @@ def query_server(addr: str, queries, k: int, concurrency: int, what: str) -> tup
             for attempt in range(RETRIES):
                 t = time.perf_counter()
                 try:
-                    a.hits = client.search(data, k=k)
+                    a.hits = client.search(data, k=k, rerank_factor=rerank_factor)
                     a.ms = (time.perf_counter() - t) * 1e3
                     a.error = None
                     break
@@ -109,6 +112,36 @@ def accuracy_scores(answers: list[Answer], k: int = K_SHOP) -> dict:
     rel = _relevance(ok, k)
     return {"queries": len(answers), "failed": len(answers) - len(ok), "top1": _mean(rel[:, 0]),
             f"top{k}": _mean(rel.any(axis=1))}
+
+
+def offline_scores(exp_dir: Path, gallery_dir: Path, queries, backend: str, k: int = K_RETRIEVAL) -> dict:
+    """mAP@k, binary and re-ranked, computed offline from what the server searched: the gallery's
+    stored codes and activations, and the query photos encoded by the same engine (one at a time).
+
+    A served answer that differs from these is a serving bug, not a model effect.
+    """
+    from hashret import codes as hcodes
+    from hashret.engines import open_engine
+    from hashret.images import PreprocessSpec, load_image
+    from hashret.manifest import load_manifest
+    from hashret.metrics import mean_average_precision, rerank_map
+    from serve.gallery import open_gallery
+
+    spec = PreprocessSpec.from_dict(load_manifest(exp_dir, kind="export").get("preprocessing") or {})
+    with open_engine(exp_dir, backend, "cpu") as eng:
+        qZ = np.concatenate([eng.encode(load_image(s.path, spec)[None]) for s in queries]).astype(np.float32)
+    with open_gallery(gallery_dir) as g:
+        ids = g.ids()
+        rows = [g.get(i) for i in ids]
+        dZ = g.stored_activations() if g.has_activations else None
+    dB = np.stack([c for c, _ in rows])
+    dL = np.array([int(m.get("label", -1)) for _, m in rows])
+    qL = np.array([int(s.label) for s in queries])
+    qB = hcodes.pack(qZ)
+    out = {f"mAP@{k}": mean_average_precision(qB, dB, qL, dL, topk=k)}
+    if dZ is not None:
+        out[f"mAP@{k}(rerank)"] = rerank_map(qB, dB, qZ, dZ, qL, dL, topk=k)
+    return out
 
 
 def latency_stats(answers: list[Answer], wall_s: float, concurrency: int) -> dict:

@@ -42,7 +42,9 @@ def write_queries(path: Path, answers: list[Answer], shop_answers: list[Answer])
 
 def _fmt_hit(h, names: dict[int, str], path: str) -> str:
     lab = hit_label(h)
-    return f"{path}  d={h.distance}  {h.metadata.get('class') or names.get(lab, lab)}"
+    score = getattr(h, "score", None)
+    cos = f"  cos={score:.3f}" if score is not None else ""
+    return f"{path}  d={h.distance}{cos}  {h.metadata.get('class') or names.get(lab, lab)}"
 
 
 def print_results(summary: dict, answers: list[Answer], picked: list[int], names: dict[int, str],
@@ -58,6 +60,16 @@ def print_results(summary: dict, answers: list[Answer], picked: list[int], names
           f"database images, {retrieval['failed']} failed)"
           + (f"; offline torch mAP@10 {offline['mAP@10']:.4f} over all {n_test} test photos"
              if "mAP@10" in offline else ""))
+    same = retrieval.get("offline_same_engine") or {}
+    binary = retrieval.get("binary") or {}
+    if binary and "mAP@10(rerank)" in same:
+        agree = (abs(same["mAP@10(rerank)"] - retrieval["mAP@10"]) < 1e-9
+                 and abs(same["mAP@10"] - binary["mAP@10"]) < 1e-9)
+        print(f"re-rank    served mAP@10 {binary['mAP@10']:.4f} Hamming order -> {retrieval['mAP@10']:.4f} re-ranked "
+              f"by cosine; offline (same engine, gallery's stored codes and activations) {same['mAP@10']:.4f} -> "
+              f"{same['mAP@10(rerank)']:.4f}: served {'equals' if agree else 'DIFFERS FROM'} offline"
+              + (f"; torch run {offline['mAP@10']:.4f} -> {offline['mAP@10(rerank)']:.4f}"
+                 if "mAP@10(rerank)" in offline else ""))
     print(f"latency    per query p50 {lat['p50']} ms  p90 {lat['p90']} ms  p99 {lat['p99']} ms  "
           f"({lat['throughput_qps']} queries/s at concurrency {lat['concurrency']})")
     print(f"snap2shop  top-1 {shop['top1']:.4f}  top-5 {shop['top5']:.4f}  (vs the 81 iconic catalogue images)")

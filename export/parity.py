@@ -3,7 +3,9 @@
 Hash codes are signs, so what matters is not the usual max-abs-diff but how many bits flip and
 whether rankings change. Per backend: status, file size, max |activation diff|, bit_agreement
 (share of equal sign bits vs torch), at_risk (share of its activations with |z| < 0.05, i.e.
-bits one small perturbation from flipping), mAP@all / mAP@10 and their delta vs torch,
+bits one small perturbation from flipping), mAP@all / mAP@10 and their delta vs torch, the same
+two after re-ranking each Hamming shortlist by cosine (hashret.metrics.rerank_map, what a server
+over a gallery built with this backend's activations answers),
 top10_overlap (mean share of each query's Hamming top-10 that torch's top-10 also holds), and
 bs=1 latency. Functions are reusable (the benchmarks call `parity_rows`).
 """
@@ -23,6 +25,7 @@ from hashret.codes import hamming, pack
 from hashret.engines import backend_spec, open_engine
 from hashret.errors import HashretError, Unavailable
 from hashret.fsutil import write_json_atomic
+from hashret.metrics import rerank_map
 from hashret.manifest import now_iso
 
 from export.data import batches
@@ -33,7 +36,7 @@ log = logging.getLogger(__name__)
 AT_RISK = 0.05
 REFERENCE = "torch"
 COLUMNS = ("backend", "status", "file_mb", "max_abs_diff", "bit_agreement", "at_risk", "mAP@all", "mAP@10",
-           "mAP_delta", "top10_overlap", "latency_ms_bs1")
+           "mAP@all(rerank)", "mAP@10(rerank)", "mAP_delta", "top10_overlap", "latency_ms_bs1")
 
 
 def parse_backend(text: str) -> tuple[str, dict]:
@@ -74,6 +77,18 @@ def top_k_overlap(B: np.ndarray, R: np.ndarray, is_query: np.ndarray, k: int = 1
     return float(np.mean([len(np.intersect1d(x, y)) / k for x, y in zip(a, b)]))
 
 
+def rerank_maps(acts: np.ndarray, labels: np.ndarray, is_query: np.ndarray) -> dict:
+    """mAP@all(rerank) and mAP@10(rerank) of the golden split (NaN when a side is empty)."""
+    if not is_query.any() or is_query.all():
+        return {"mAP@all(rerank)": float("nan"), "mAP@10(rerank)": float("nan")}
+    q, d = acts[is_query], acts[~is_query]
+    qL, dL = labels[is_query], labels[~is_query]
+    return {
+        "mAP@all(rerank)": rerank_map(pack(q), pack(d), q, d, qL, dL, topk=None),
+        "mAP@10(rerank)": rerank_map(pack(q), pack(d), q, d, qL, dL, topk=10),
+    }
+
+
 def compare(acts: np.ndarray, ref: np.ndarray, labels: np.ndarray, is_query: np.ndarray,
             ref_maps: dict | None = None) -> dict:
     """The parity columns of one backend's activations against the reference activations."""
@@ -85,6 +100,7 @@ def compare(acts: np.ndarray, ref: np.ndarray, labels: np.ndarray, is_query: np.
         "at_risk": float((np.abs(acts) < AT_RISK).mean()),
         "mAP@all": maps["mAP@all"],
         "mAP@10": maps["mAP@10"],
+        **rerank_maps(acts, labels, is_query),
         "mAP_delta": maps["mAP@all"] - ref_maps["mAP@all"],
         "top10_overlap": top_k_overlap(pack(acts), pack(ref), is_query),
     }

@@ -1,10 +1,13 @@
 """ONNX -> model.plan + engine.json with the TensorRT Python API (10.x and 11.x).
 
-Version differences handled by feature checks, not version numbers:
-* 10.x: the EXPLICIT_BATCH creation flag exists (deprecated, all networks are explicit batch);
-  precision comes from BuilderFlag.FP16 on the fp32 ONNX ("weak typing").
-* 11.x: weak typing is gone (no BuilderFlag.FP16/INT8, no calibrators); networks are strongly
-  typed and precision comes from the ONNX file, so fp16 builds parse model.fp16.onnx.
+Version differences are handled by the major version, backed by feature checks (a member missing
+from the bindings counts as removed):
+* 10.x: NetworkDefinitionCreationFlag has EXPLICIT_BATCH = 0 (deprecated and ignored: every
+  network is explicit batch) and STRONGLY_TYPED = 1 (opt-in); precision comes from
+  BuilderFlag.FP16 on the fp32 ONNX ("weak typing") unless strongly typed is asked for.
+* 11.x: weak typing is gone (no BuilderFlag.FP16/INT8, no calibrators) and so is EXPLICIT_BATCH;
+  STRONGLY_TYPED = 0 remains only for API compatibility (ignored: always on), so no creation flag
+  is set. Precision comes from the ONNX file, so fp16 builds parse model.fp16.onnx.
 No INT8 engines: TensorRT's explicit quantization wants symmetric int8 activations, while
 model.int8.onnx uses asymmetric uint8 activations, which is what ONNX Runtime on CPUs runs fastest.
 engine.json records what a runtime must match (TensorRT version, compute capability), which
@@ -36,9 +39,16 @@ def _flag(enum, name: str):
     return getattr(enum, name, None)
 
 
+def trt_major(trt) -> int:
+    try:
+        return int(str(trt.__version__).split(".")[0])
+    except ValueError:
+        return 0  # an unparsable version: let the feature checks decide
+
+
 def strongly_typed_only(trt) -> bool:
     """True on TensorRT 11+, where BuilderFlag.FP16 no longer exists."""
-    return _flag(trt.BuilderFlag, "FP16") is None
+    return trt_major(trt) >= 11 or _flag(trt.BuilderFlag, "FP16") is None
 
 
 def source_onnx_for(precision: str, exp_dir: Path, trt) -> tuple[Path, bool]:
@@ -51,10 +61,19 @@ def source_onnx_for(precision: str, exp_dir: Path, trt) -> tuple[Path, bool]:
 
 
 def engine_from_onnx(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, precision: str = "fp16",
-                     strongly_typed: bool = False, min_batch: int = 1, opt_batch: int = 8, max_batch: int = 64,
+                     strongly_typed: bool | None = None, min_batch: int = 1, opt_batch: int = 8, max_batch: int = 64,
                      workspace_gb: float = 4.0, timing_cache: str | os.PathLike | None = None) -> dict:
-    """Build and serialize an engine; write plan_path and engine.json beside it. Returns engine.json."""
+    """Build and serialize an engine; write plan_path and engine.json beside it. Returns engine.json.
+
+    `strongly_typed` defaults to what this TensorRT allows: True on 11.x (the only mode there),
+    False on 10.x (fp16 through BuilderFlag.FP16 on the fp32 graph)."""
     trt = import_tensorrt()
+    only_strong = strongly_typed_only(trt)
+    if strongly_typed is None:
+        strongly_typed = only_strong
+    elif not strongly_typed and only_strong:
+        raise BadInput(f"tensorrt {trt.__version__} | builds strongly typed networks only (no BuilderFlag.FP16): "
+                       "pass strongly_typed=True with model.fp16.onnx for fp16 engines")
     facts = cuda_device_facts()
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise BadInput(f"--min-batch/--opt-batch/--max-batch | need 1 <= {min_batch} <= {opt_batch} <= {max_batch}")
@@ -62,14 +81,13 @@ def engine_from_onnx(onnx_path: str | os.PathLike, plan_path: str | os.PathLike,
     builder = trt.Builder(logger)
     flags = 0
     explicit = _flag(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
-    if explicit is not None and int(trt.__version__.split(".")[0]) < 10:
+    if explicit is not None and trt_major(trt) < 10:  # 8.x/9.x: implicit batch unless asked
         flags |= 1 << int(explicit)
-    if strongly_typed:
+    if strongly_typed and not only_strong:  # on 11.x the flag is deprecated and implied
         st = _flag(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-        if st is not None:  # 10.x opt-in; accepted (and implied) on 11.x
-            flags |= 1 << int(st)
-        elif not strongly_typed_only(trt):
+        if st is None:
             raise BadInput(f"tensorrt {trt.__version__} | has no strongly typed networks: upgrade TensorRT to 10.x")
+        flags |= 1 << int(st)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):

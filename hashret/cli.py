@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("serve.index_cli", "build a gallery index (FAISS or Milvus) from images"),
     "serve": ("serve.cli", "run the gRPC retrieval service"),
     "query": ("serve.query", "query a running service with image files"),
+    "rollover": ("serve.rollover_cli", "switch a running service to a new model: rebuild, shadow, promote"),
     "bench": ("benchmarks.cli", "benchmarks: engine, serve, search, parity"),
     "demo": ("demo.cli", "the whole job end to end on the Grocery data"),
 }

@@ -5,7 +5,9 @@ Conventions (all functions):
 * Codes qB [Q, bits//8], dB [N, bits//8] are packed uint8 (see `hashret.codes`).
 * Ranking: database items by Hamming distance ascending, ties broken by
   database index ascending (a stable sort of the distances). The cosine variant
-  ranks by cosine similarity descending with the same tie rule.
+  ranks by cosine similarity descending with the same tie rule. The re-ranked variant
+  (`rerank_map`) re-orders each query's Hamming top-R by cosine (`rerank_order`, the rule
+  the server uses too).
 * Relevance: labels are either a vector [N] (relevant iff equal labels) or
   multi-hot [N, C] of 0/1 (relevant iff the two items share >= 1 label).
 * Every metric is a mean over all queries; nothing is averaged over a subset.
@@ -393,6 +395,107 @@ def tie_aware_map(qB, dB, qL, dL, topk: int | None = None, chunk: int | None = N
     for sl in _slices(Q, N, chunk):
         hist_n, hist_r = _distance_histograms(hamming(qB[sl], dB), rel(sl), D)
         ap[sl] = _tie_aware_ap(hist_n, hist_r, k, H)
+    return float(ap.mean())
+
+
+# --------------------------------------------------------------------------- re-ranking
+
+#: the default re-ranking factor: the Hamming top-(k * factor) is re-ordered by cosine
+RERANK_FACTOR = 10
+
+
+def rerank_size(k: int, factor: int, n: int) -> int:
+    """R = max(k * factor, k), at most n: how many Hamming neighbours the re-ranking looks at.
+
+    Callers skip re-ranking altogether when factor is 0 (off).
+    """
+    return min(max(int(k) * int(factor), int(k)), int(n))
+
+
+def rerank_order(d, qz, Z) -> tuple[np.ndarray, np.ndarray]:
+    """Order of a Hamming shortlist after re-ranking by cosine: (order [R], scores [R]).
+
+    d [R]: the shortlist's Hamming distances in Hamming order (distance, then gallery/database
+    order). qz [bits]: the query's tanh activations. Z [R, bits]: the stored activations of each
+    item (float16 as a gallery stores them), a NaN row for an item that has none (upserted by code).
+
+    An item with activations scores s = q.z / (|q| |z|), computed in float64 from the stored
+    values (0 when either vector is zero). Items are ranked by s descending, ties by their
+    Hamming place. An item without activations gets the lowest score of the items with
+    activations at the same or a smaller distance (+inf when there are none), and at an equal
+    score an item with activations goes first: it is ranked right after every item with
+    activations that is at least as close, so it never overtakes a closer or equally close
+    item that was re-ranked. Its returned score is NaN.
+
+    The server (serve.gallery) and `rerank_map` both call this on one query at a time, so a
+    served ranking equals the offline one bit for bit.
+    """
+    d = np.asarray(d, np.int64)
+    Z = np.asarray(Z).astype(np.float64)
+    q = np.asarray(qz).astype(np.float64).reshape(-1)
+    R = len(d)
+    if R == 0:
+        return np.zeros(0, np.int64), np.zeros(0)
+    has = ~np.isnan(Z).any(axis=1)
+    Zh = np.where(has[:, None], Z, 0.0)
+    qn = math.sqrt(float((q * q).sum()))
+    zn = np.sqrt((Zh * Zh).sum(axis=1))
+    dots = (Zh * q).sum(axis=1)
+    denom = zn * qn
+    s = np.where(has & (denom > 0), dots / np.where(denom > 0, denom, 1.0), 0.0)
+    eff = s.copy()
+    if not has.all():
+        # lowest score among items with activations at distance <= d, per distinct distance
+        dist_vals = np.unique(d)
+        low = np.full(len(dist_vals), np.inf)
+        for j, v in enumerate(dist_vals):
+            m = has & (d == v)
+            if m.any():
+                low[j] = s[m].min()
+        low = np.minimum.accumulate(low)
+        eff[~has] = low[np.searchsorted(dist_vals, d[~has])]
+    order = np.lexsort((np.arange(R), ~has, d, -eff))
+    return order, np.where(has, s, np.nan)[order]
+
+
+def rerank_map(qB, dB, qZ, dZ, qL, dL, topk: int | None = 10, factor: int = RERANK_FACTOR) -> float:
+    """mAP@k after re-ranking each query's Hamming top-R by cosine (`rerank_order`).
+
+    R = max(k * factor, k) (`rerank_size`); the shortlist is the Hamming ranking of
+    `mean_average_precision` (ties by database index, as a gallery built in database order
+    returns them). dZ is stored as float16 first, exactly as `hashret index build` stores it,
+    so this is the ranking a server over that gallery returns. topk=None ranks all N items
+    (R = N): mAP@all(rerank). factor 0 gives the binary mAP@k. AP convention as
+    `mean_average_precision`.
+    """
+    qB, dB, rel = _prepare(qB, dB, qL, dL)
+    Q, N = qB.shape[0], dB.shape[0]
+    qZ, dZ = np.asarray(qZ), np.asarray(dZ)
+    bits = qB.shape[1] * 8
+    for Z, n, what in ((qZ, Q, "query activations"), (dZ, N, "database activations")):
+        if Z.ndim != 2 or Z.shape != (n, bits) or not np.issubdtype(Z.dtype, np.floating):
+            raise BadInput(
+                f"{what} | shape {Z.shape} dtype {Z.dtype}, expected float [{n}, {bits}]: pass the model's "
+                f"tanh outputs, one row per code"
+            )
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 0:
+        raise BadInput(f"rerank factor | {factor!r} is not an integer >= 0: pass e.g. {RERANK_FACTOR}, or 0 for off")
+    if factor == 0:
+        return mean_average_precision(qB, dB, qL, dL, topk)
+    k = N if topk is None else _k(topk, N, "topk")
+    R = N if topk is None else rerank_size(k, factor, N)
+    dZ16 = dZ.astype(np.float16)
+    ap = np.empty(Q)
+    for sl in _slices(Q, N, None):
+        dist = hamming(qB[sl], dB)
+        short = _rank(dist)[:, :R]
+        rs = rel(sl)
+        ranked = np.empty((short.shape[0], k), bool)
+        for r, i in enumerate(range(sl.start, sl.stop)):
+            cand = short[r]
+            order, _ = rerank_order(dist[r, cand], qZ[i], dZ16[cand])
+            ranked[r] = rs[r, cand[order[:k]]]
+        ap[sl] = _ap(ranked)
     return float(ap.mean())
 
 

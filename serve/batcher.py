@@ -60,6 +60,19 @@ class BatchStats:
     rejected: int = 0
 
 
+@dataclass(frozen=True)
+class BatchTiming:
+    """When an inference batch ran (time.monotonic() seconds) and how many images it held.
+
+    Each answered future carries `future.timing = (enqueued, BatchTiming)`, so a waiter can
+    split its latency into queue wait and inference (serve.stages) without another callback.
+    """
+
+    started: float
+    ended: float
+    size: int
+
+
 class Ticket:
     """A reserved queue slot: the holder is preparing an image and will `submit` it or `cancel`.
 
@@ -201,6 +214,7 @@ class Batcher:
             if not live:
                 continue
             t0 = time.perf_counter()
+            started = time.monotonic()
             try:
                 images = np.stack([it.image for it in live])
                 out = self._encode(images)
@@ -213,7 +227,10 @@ class Batcher:
             seconds = time.perf_counter() - t0
             self.stats.batches += 1
             self.stats.items += len(live)
+            timing = BatchTiming(started, time.monotonic(), len(live))
             for i, it in enumerate(live):
+                # read by the waiter for its per-stage timings (serve.stages), before it wakes
+                it.future.timing = (it.enqueued, timing)
                 it.future.set_result(out[i])
             if self._on_batch is not None:
                 try:

@@ -36,6 +36,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics at http://HOST:N/metrics (default: off)")
     g.add_argument("--grace-s", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on shutdown (default: 10)")
+    g.add_argument("--otel", action="store_true",
+                   help="emit OpenTelemetry spans per request and stage; needs the hashret[otel] extra, "
+                        "exports over OTLP when opentelemetry-exporter-otlp is installed, else to stderr; "
+                        "$HASHRET_OTEL=1 does the same (default: off)")
 
     g = p.add_argument_group("batching and load")
     g.add_argument("--max-batch", type=int, default=32, help="most images per inference call (default: 32)")
@@ -55,6 +59,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"largest accepted width x height, against decompression bombs (default: {DEFAULT_MAX_PIXELS})")
     g.add_argument("--max-k", type=int, default=1000, help="most results one search may ask for (default: 1000)")
     g.add_argument("--max-batch-items", type=int, default=64, help="most images in one SearchBatch call (default: 64)")
+    g.add_argument("--rerank-factor", type=int, default=10, metavar="F",
+                   help="re-rank each search's Hamming top-(k*F) by cosine of the stored activations; a request "
+                        "may set its own; 0 = off; galleries without activations are never re-ranked (default: 10)")
     g.add_argument("--max-message-bytes", type=int, default=None,
                    help="largest gRPC message (default: 64 MiB, or more when --max-image-bytes needs it)")
 
@@ -76,6 +83,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--token-file", metavar="FILE",
                    help="file holding the bearer token that Upsert/Delete require (default: $HASHRET_TOKEN; "
                         "with neither, writes are refused)")
+    g.add_argument("--admin-token-file", metavar="FILE",
+                   help="file holding the bearer token of the Admin service (model rollover: LoadCandidate, "
+                        "Promote, Rollback; see `hashret rollover`); must differ from the write token "
+                        "(default: no Admin service)")
+    g.add_argument("--shadow-fraction", type=float, default=0.0, metavar="P",
+                   help="share of live searches re-run on a loaded candidate model after answering, to export "
+                        "top-k overlap and rank correlation with the live answer (default: 0, off)")
     g.add_argument("--require-token-for-reads", action="store_true",
                    help="require the token for Search/Encode/Info too (default: reads are open)")
     g.add_argument("--log-format", choices=["json", "text"], default="json",
@@ -83,6 +97,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    from hashret.tokens import read_token_file
     from serve.server import DEFAULT_MAX_MESSAGE_BYTES, ServeConfig, load_token
     from serve.service import Limits
     from serve.snapshots import SnapshotPolicy
@@ -100,6 +115,9 @@ def config_from_args(args: argparse.Namespace):
         tls_client_ca=args.tls_client_ca, token=load_token(args.token_file),
         require_token_for_reads=args.require_token_for_reads, metrics_port=args.metrics_port, grace_s=args.grace_s,
         snapshots=SnapshotPolicy(every_records=args.snapshot_every_records, every_mb=args.snapshot_every_mb),
+        otel=getattr(args, "otel", False),
+        admin_token=read_token_file(args.admin_token_file, "--admin-token-file") if args.admin_token_file else None,
+        shadow_fraction=args.shadow_fraction, rerank_factor=args.rerank_factor,
     )
 
 

@@ -30,6 +30,7 @@ class Hit:
     id: str
     distance: int
     metadata: dict[str, str] = field(default_factory=dict)
+    score: float | None = None  # cosine of the activations when the search was re-ranked
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def _image_bytes(image) -> bytes:
 
 
 def _hits(msgs) -> list[Hit]:
-    return [Hit(h.id, int(h.distance), dict(h.metadata)) for h in msgs]
+    return [Hit(h.id, int(h.distance), dict(h.metadata), h.score if h.HasField("score") else None) for h in msgs]
 
 
 class RetrievalClient:
@@ -109,15 +110,22 @@ class RetrievalClient:
         return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._metadata}
 
     @staticmethod
-    def _request(image, k: int, max_distance: int | None) -> pb.SearchRequest:
+    def _request(image, k: int, max_distance: int | None, rerank_factor: int | None = None) -> pb.SearchRequest:
         req = pb.SearchRequest(image=_image_bytes(image), k=k)
         if max_distance is not None:
             req.max_distance = max_distance
+        if rerank_factor is not None:
+            req.rerank_factor = rerank_factor
         return req
 
-    def search(self, image, k: int = 10, max_distance: int | None = None, timeout: float | None = None) -> list[Hit]:
-        """Nearest gallery items to one image (bytes or a path), nearest first."""
-        return _hits(self.stub.Search(self._request(image, k, max_distance), **self._kw(timeout)).hits)
+    def search(self, image, k: int = 10, max_distance: int | None = None, timeout: float | None = None,
+               rerank_factor: int | None = None) -> list[Hit]:
+        """Nearest gallery items to one image (bytes or a path), nearest first.
+
+        rerank_factor: re-rank the Hamming top-(k * factor) by cosine; 0 off; None (default) the server's.
+        """
+        req = self._request(image, k, max_distance, rerank_factor)
+        return _hits(self.stub.Search(req, **self._kw(timeout)).hits)
 
     def search_batch(self, images: Iterable, k: int = 10, max_distance: int | None = None,
                      timeout: float | None = None) -> list[list[Hit] | ItemError]:

@@ -55,7 +55,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                       help="only the first N images, for quick trials (default: all)")
     data.add_argument("--skip-bad", action="store_true",
                       help="skip undecodable images and list them instead of failing (default: fail)")
-    add_kind_args(b.add_argument_group("index"))
+    index = b.add_argument_group("index")
+    add_kind_args(index)
+    index.add_argument("--no-activations", dest="activations", action="store_false",
+                       help="store only the packed codes, not each item's float16 tanh activations, so searches "
+                            "are never re-ranked; saves 2*bits bytes per item (default: store them)")
     engine = add_engine_args(b, backend_help="engine that encodes the images")
     engine.add_argument("--batch", type=int, default=32, help="images per engine call (default: 32)")
     engine.add_argument("--decode-threads", type=int, default=None, metavar="N",
@@ -135,10 +139,12 @@ def gallery_items(data: str | os.PathLike, fmt: str, split: str = "database", ic
 
 
 def encode_files(engine, spec, paths: list[str], batch: int = 32, decode_threads: int | None = None,
-                 skip_bad: bool = False, progress: bool = True) -> tuple[np.ndarray, list[int], list[str]]:
+                 skip_bad: bool = False, progress: bool = True, activations: bool = False) -> tuple:
     """Packed codes of the decodable files, their indices, and 'path | reason' for skipped ones.
 
-    Decoding runs in a thread pool one batch ahead of the engine.
+    With `activations`, a fourth element: the model's float32 outputs [len(kept), bits], the
+    activations a gallery keeps for re-ranking. Decoding runs in a thread pool one batch
+    ahead of the engine.
     """
     from tqdm import tqdm
 
@@ -155,7 +161,7 @@ def encode_files(engine, spec, paths: list[str], batch: int = 32, decode_threads
             return e
 
     threads = decode_threads or min(4, os.cpu_count() or 1)
-    out, kept, skipped = [], [], []
+    out, zs, kept, skipped = [], [], [], []
     bar = tqdm(total=len(paths), unit="img", desc="encoding", disable=not progress)
     with ThreadPoolExecutor(threads, thread_name_prefix="hashret-index-decode") as pool:
         chunks = [list(range(s, min(len(paths), s + batch))) for s in range(0, len(paths), batch)]
@@ -169,18 +175,27 @@ def encode_files(engine, spec, paths: list[str], batch: int = 32, decode_threads
             if good:
                 z = engine.encode(np.stack([a for _, a in good]))
                 out.append(hcodes.pack(z))
+                zs.append(np.asarray(z, np.float32))
                 kept += [i for i, _ in good]
             bar.update(len(idx))
     bar.close()
     codes = np.concatenate(out) if out else np.zeros((0, engine.bits // 8), np.uint8)
+    if activations:
+        Z = np.concatenate(zs) if zs else np.zeros((0, engine.bits), np.float32)
+        return codes, kept, skipped, Z
     return codes, kept, skipped
 
 
 def build(exp: str | os.PathLike, out: str | os.PathLike, paths: list[str], ids: list[str],
           metas: list[dict[str, str]], *, kind: str = "faiss-flat", gallery_options: dict | None = None,
           backend: str = "ort", device: str = "cpu", batch: int = 32, decode_threads: int | None = None,
-          skip_bad: bool = False, overwrite: bool = False, progress: bool = True, engine=None) -> dict:
-    """Encode `paths` with EXP's model into a new gallery at `out` (atomic); returns a summary."""
+          skip_bad: bool = False, overwrite: bool = False, progress: bool = True, engine=None,
+          activations: bool = True) -> dict:
+    """Encode `paths` with EXP's model into a new gallery at `out` (atomic); returns a summary.
+
+    `activations` (default True): the gallery also keeps each item's float16 activations, so
+    the server can re-rank a search's Hamming shortlist by cosine (`hashret serve --rerank-factor`).
+    """
     from hashret.engines import model_id, open_engine
     from hashret.images import PreprocessSpec
     from hashret.manifest import load_manifest
@@ -198,7 +213,8 @@ def build(exp: str | os.PathLike, out: str | os.PathLike, paths: list[str], ids:
     if own_engine:
         engine = open_engine(exp, backend, device)
     try:
-        codes, kept, skipped = encode_files(engine, spec, paths, batch, decode_threads, skip_bad, progress)
+        codes, kept, skipped, Z = encode_files(engine, spec, paths, batch, decode_threads, skip_bad, progress,
+                                               activations=True)
     finally:
         if own_engine:
             engine.close()
@@ -207,9 +223,10 @@ def build(exp: str | os.PathLike, out: str | os.PathLike, paths: list[str], ids:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".building", dir=out.parent))
     try:
-        g = create_gallery(tmp, kind, int(manifest["bits"]), mid, **(gallery_options or {}))
+        g = create_gallery(tmp, kind, int(manifest["bits"]), mid, activations=bool(activations),
+                           **(gallery_options or {}))
         try:
-            g.upsert([ids[i] for i in kept], codes, [metas[i] for i in kept])
+            g.upsert([ids[i] for i in kept], codes, [metas[i] for i in kept], Z if activations else None)
             g.save()
             size = g.size
         finally:
@@ -228,7 +245,8 @@ def build(exp: str | os.PathLike, out: str | os.PathLike, paths: list[str], ids:
     from hashret.fsutil import fsync_dir
 
     fsync_dir(out.parent)
-    return {"gallery": str(out), "kind": kind, "size": size, "skipped": skipped, "model_id": mid}
+    return {"gallery": str(out), "kind": kind, "size": size, "skipped": skipped, "model_id": mid,
+            "activations": bool(activations)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -251,9 +269,11 @@ def run(args: argparse.Namespace) -> int:
         args.exp, args.out, paths, ids, metas, kind=args.kind, gallery_options=opts, backend=args.backend,
         device=args.device, batch=args.batch, decode_threads=args.decode_threads, skip_bad=args.skip_bad,
         overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
+        activations=getattr(args, "activations", True),
     )
     for s in summary["skipped"]:
         print(f"skipped: {s}", file=sys.stderr)
-    print(f"gallery {summary['gallery']}: {summary['size']} items ({summary['kind']}, model {summary['model_id'][:12]}…)"
+    print(f"gallery {summary['gallery']}: {summary['size']} items ({summary['kind']}, model {summary['model_id'][:12]}…"
+          + (", with activations" if summary["activations"] else "") + ")"
           + (f", {len(summary['skipped'])} skipped" if summary["skipped"] else ""))
     return 0

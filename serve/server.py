@@ -72,6 +72,11 @@ class ServeConfig:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     grace_s: float = 10.0
     snapshots: SnapshotPolicy = field(default_factory=SnapshotPolicy)  # FAISS galleries: WAL bound
+    otel: bool = False  # OpenTelemetry spans per stage (serve.stages); $HASHRET_OTEL turns it on too
+    tracer_provider: object = None  # an OpenTelemetry TracerProvider to use instead of --otel's own
+    admin_token: str | None = None  # enables the Admin service (model rollover, serve.pairs); None: off
+    shadow_fraction: float = 0.0  # share of live searches re-run on a loaded candidate (serve.shadow)
+    rerank_factor: int = 10  # Hamming top-(k * this) re-ranked by cosine (serve.gallery); 0: off
 
 
 # ---- logging ---------------------------------------------------------------------------
@@ -109,8 +114,10 @@ class Metrics:
     LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
                        0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-    def __init__(self):
+    def __init__(self, tracer_provider=None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        from serve.stages import Stages
 
         self.registry = CollectorRegistry()
         r = self.registry
@@ -125,6 +132,8 @@ class Metrics:
         self.queue_depth = Gauge("hashret_queue_depth", "requests waiting for inference or being decoded",
                                  registry=r)
         self.gallery_size = Gauge("hashret_gallery_size", "items in the gallery", registry=r)
+        # hashret_stage_seconds{stage=...}: where a request's time went (serve.stages)
+        self.stages = Stages(r, tracer_provider)
         self._http = None
         self.port: int | None = None
 
@@ -136,6 +145,7 @@ class Metrics:
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.inference.observe(seconds)
+        self.stages.batch(size, seconds)
 
     def bind(self, depth: Callable[[], int], gallery_size: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
@@ -315,6 +325,11 @@ def _check_config(cfg: ServeConfig) -> None:
         )
     if cfg.grace_s < 0:
         raise BadInput(f"--grace-s {cfg.grace_s} | must be >= 0")
+    if not 0.0 <= float(cfg.shadow_fraction) <= 1.0:
+        raise BadInput(f"--shadow-fraction {cfg.shadow_fraction} | must be between 0 and 1")
+    if cfg.admin_token and cfg.admin_token == cfg.token:
+        raise BadInput("--admin-token-file | holds the same token as --token-file: give the Admin service a "
+                       "token of its own, so a write token can never drive a rollover")
 
 
 def _open_parts(cfg: ServeConfig, engine=None):
@@ -365,7 +380,12 @@ class HashretServer:
         _check_config(cfg)
         self.cfg = cfg
         self.service = None
-        self.metrics = Metrics()
+        from serve.stages import otel_requested, otel_tracer_provider
+
+        provider = cfg.tracer_provider
+        if provider is None and otel_requested(cfg.otel):
+            provider = otel_tracer_provider()  # before anything opens: a missing SDK is bad input
+        self.metrics = Metrics(provider)
         manifest, mid, spec, gallery, engine = _open_parts(cfg, engine)
         try:
             self._build(manifest, mid, spec, gallery, engine)
@@ -379,6 +399,13 @@ class HashretServer:
 
     def _build(self, manifest, mid, spec, gallery, engine) -> None:
         cfg = self.cfg
+        self.service = self._new_service(manifest, mid, spec, gallery, engine)
+        self.metrics.registry.register(SnapshotCollector(self.service.snapshots))
+        self._build_rpc()
+
+    def _new_service(self, manifest, mid, spec, gallery, engine) -> RetrievalService:
+        """One serving pair around opened parts; the live one at start, candidates later (serve.pairs)."""
+        cfg = self.cfg
         batcher = Batcher(
             engine.encode, max_batch=cfg.max_batch, max_delay_us=cfg.max_delay_us, queue_size=cfg.queue_size,
             on_batch=self.metrics.observe_batch,
@@ -390,13 +417,34 @@ class HashretServer:
         }
         decode_threads = cfg.decode_threads or min(4, os.cpu_count() or 1)
         snapshots = Snapshotter(gallery, cfg.snapshots)
-        self.service = RetrievalService(
+        service = RetrievalService(
             engine, gallery, model_id=mid, spec=spec, batcher=batcher, limits=cfg.limits,
-            decode_threads=decode_threads, info=info, snapshots=snapshots,
+            decode_threads=decode_threads, info=info, snapshots=snapshots, stages=self.metrics.stages,
+            rerank_factor=cfg.rerank_factor,
         )
         snapshots.start()
-        self.metrics.registry.register(SnapshotCollector(snapshots))
-        self.servicer = RetrievalServicer(self.service, observe=self._observe)
+        return service
+
+    def _open_candidate(self, exp: str, gal: str) -> RetrievalService:
+        """Open, check and warm a pair for LoadCandidate (blocking); closes what it opened on failure."""
+        from dataclasses import replace
+
+        manifest, mid, spec, gallery, engine = _open_parts(replace(self.cfg, model=exp, gallery=gal))
+        try:
+            return self._new_service(manifest, mid, spec, gallery, engine)
+        except BaseException:
+            gallery.close()
+            engine.close()
+            raise
+
+    def _build_rpc(self) -> None:
+        from serve.pairs import Pairs
+        from serve.shadow import Shadow
+
+        cfg = self.cfg
+        shadow = Shadow(cfg.shadow_fraction, registry=self.metrics.registry) if cfg.admin_token else None
+        self.pairs = Pairs(self.service, self._open_candidate if cfg.admin_token else None, shadow=shadow)
+        self.servicer = RetrievalServicer(self.service, observe=self._observe, pairs=self.pairs)
         self.gate = Gate(cfg.token, cfg.require_token_for_reads, observe=self._observe)
         self.health = grpc_health.aio.HealthServicer()
         self.server = grpc.aio.server(
@@ -408,9 +456,15 @@ class HashretServer:
             ],
         )
         pb_grpc.add_RetrievalServicer_to_server(self.servicer, self.server)
+        services = (SERVICE_NAME,)
+        if cfg.admin_token:
+            from serve.admin import ADMIN_SERVICE_NAME, AdminServicer
+
+            pb_grpc.add_AdminServicer_to_server(AdminServicer(self.pairs, cfg.admin_token), self.server)
+            services += (ADMIN_SERVICE_NAME,)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (*services, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
         addr = f"{host}:{cfg.port}"
@@ -422,7 +476,7 @@ class HashretServer:
         if not self.port:
             raise Unavailable(f"--port {cfg.port} | cannot listen on {addr}: is another server running?")
         self.tls = creds is not None
-        self.metrics.bind(lambda: self.service.batcher.depth, lambda: self.service.gallery.size)
+        self.metrics.bind(lambda: self.pairs.live.batcher.depth, lambda: self.pairs.live.gallery.size)
         self.metrics_port = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -478,7 +532,7 @@ class HashretServer:
             while self.servicer.in_flight and time.monotonic() < until:
                 await asyncio.sleep(0.01)
             await self.server.stop(max(0.0, until - time.monotonic()))
-            await asyncio.get_running_loop().run_in_executor(None, self.service.close)
+            await self.pairs.aclose()  # the live pair and any standby
         finally:
             self.metrics.close()
             self._stopped.set()

@@ -25,7 +25,9 @@ import numpy as np
 from hashret import codes as hcodes
 from hashret.errors import BadInput, HashretError
 from hashret.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PreprocessSpec, load_image
+from hashret.metrics import RERANK_FACTOR
 from serve.batcher import Batcher, Expired
+from serve.stages import NULL_STAGES, Stages
 
 if TYPE_CHECKING:  # serve.gallery imports faiss and pymilvus: only when a gallery is opened
     from serve.gallery import Gallery, Hit
@@ -106,6 +108,8 @@ class RetrievalService:
         decode_threads: int = 2,
         info: dict | None = None,
         snapshots: Snapshotter | None = None,
+        stages: Stages | None = None,
+        rerank_factor: int = RERANK_FACTOR,
     ):
         if gallery.bits != engine.bits:
             raise BadInput(f"gallery {gallery.path} | {gallery.bits} bits, engine {engine.bits} bits")
@@ -123,7 +127,15 @@ class RetrievalService:
         # Background snapshots keep a FAISS gallery's WAL bounded (serve.snapshots); off when None.
         self.snapshots = snapshots
         self._inline_threads: set[int] = set()
+        # per-stage latency histograms and spans (serve.stages); the server passes its own
+        self.stages = stages or NULL_STAGES
         self._closed = False
+        # Searches re-rank the Hamming top-(k * factor) by cosine (serve.gallery.base.Gallery.search)
+        # unless the request sets its own factor; 0 = off. A gallery without activations never does.
+        self.rerank_factor = self.check_rerank_factor(rerank_factor, "--rerank-factor")
+        if self.rerank_factor and not gallery.has_activations:
+            log.info("gallery %s | stores no activations: searches are not re-ranked (--rerank-factor %d has "
+                     "no effect); rebuild it with hashret index build to re-rank", gallery.path, self.rerank_factor)
 
     # ---- validation --------------------------------------------------------------------
     def check_k(self, k) -> int:
@@ -131,6 +143,13 @@ class RetrievalService:
         if not 1 <= k <= self.limits.max_k:
             raise BadInput(f"k {k} | out of range: ask for 1..{self.limits.max_k} results")
         return k
+
+    @staticmethod
+    def check_rerank_factor(f, what: str = "rerank_factor") -> int:
+        f = _as_int(f, what)
+        if not 0 <= f <= 1000:
+            raise BadInput(f"{what} {f} | must be in [0, 1000]: 0 turns re-ranking off, default {RERANK_FACTOR}")
+        return f
 
     def check_max_distance(self, d) -> int | None:
         if d is None:
@@ -218,12 +237,18 @@ class RetrievalService:
             except RuntimeError:  # loop closed: nobody is waiting any more
                 pass
 
+        decoded_at: list[float] = []  # decode start, end: written by the pool thread, read after `done`
+        answered_by: list[Future] = []  # the batcher's future, whose `timing` splits wait and inference
+
         def decode_and_submit() -> Future | None:
             with ticket:
+                decoded_at.append(time.monotonic())
                 arr = self._preprocess(image, name)
+                decoded_at.append(time.monotonic())
                 if gone.is_set():
                     return None
                 inner = ticket.submit(arr, deadline)
+            answered_by.append(inner)  # before the callback: `done` cannot resolve earlier
             inner.add_done_callback(to_loop)
             return inner
 
@@ -241,39 +266,62 @@ class RetrievalService:
             raise
         outer.add_done_callback(decoded)
         try:
-            return await done
+            row = await done
         except asyncio.CancelledError:
             gone.set()
             if not outer.cancel() and outer.done() and outer.exception() is None and outer.result() is not None:
                 outer.result().cancel()  # still queued: the batcher drops it
             raise
+        self._record_stages(decoded_at, answered_by[0] if answered_by else None)
+        return row
+
+    def _record_stages(self, decoded_at: list[float], inner: Future | None) -> None:
+        """Decode and queue-wait observations of one answered image, and its inference span
+        (the batch's histograms are observed once per batch, by the server's on_batch)."""
+        if len(decoded_at) == 2:
+            self.stages.span("decode", decoded_at[0], decoded_at[1])
+        timing = getattr(inner, "timing", None)
+        if timing is not None:
+            enqueued, batch = timing
+            self.stages.span("queue_wait", enqueued, batch.started)
+            self.stages.span("inference_batch", batch.started, batch.ended, observe=False, batch_size=batch.size)
 
     async def encode(self, image: bytes, deadline: float | None = None) -> bytes:
         """The packed code (bits/8 bytes) of one image."""
-        row = await self.embed(image, deadline)
-        return hcodes.pack(row[None])[0].tobytes()
+        with self.stages.request("Encode"):
+            row = await self.embed(image, deadline)
+            return hcodes.pack(row[None])[0].tobytes()
 
-    async def _search_code(self, code: np.ndarray, k: int, max_distance: int | None) -> list[Hit]:
+    async def _search_code(self, code: np.ndarray, k: int, max_distance: int | None,
+                           z: np.ndarray | None = None, factor: int = 0) -> list[Hit]:
         # A small in-memory search (tens of microseconds) is answered here: handing it to a
         # thread and back costs more. Large, busy or remote galleries go to the pool.
         if threading.get_ident() not in self._inline_threads:
             _single_omp_thread()  # FAISS in the loop thread: no OpenMP team either
             self._inline_threads.add(threading.get_ident())
-        hits = self.gallery.search_nowait(code, k, max_distance)
+        hits = self.gallery.search_nowait(code, k, max_distance, z, factor)
         if hits is None:
             loop = asyncio.get_running_loop()
-            hits = await loop.run_in_executor(self._gallery_pool, self.gallery.search, code, k, max_distance)
+            hits = await loop.run_in_executor(self._gallery_pool, self.gallery.search, code, k, max_distance, z, factor)
         return hits[0]
 
-    async def search(self, image: bytes, k, max_distance=None, deadline: float | None = None, name: str = "image") -> list[Hit]:
-        """The k nearest gallery items to one image, at most max_distance bits away."""
+    async def search(self, image: bytes, k, max_distance=None, deadline: float | None = None, name: str = "image",
+                     rerank_factor=None) -> list[Hit]:
+        """The k nearest gallery items to one image, at most max_distance bits away.
+
+        The Hamming top-(k * rerank_factor) is re-ranked by cosine of the activations when the
+        gallery keeps them; rerank_factor None means the server's --rerank-factor, 0 off.
+        """
         k = self.check_k(k)
         max_distance = self.check_max_distance(max_distance)
-        row = await self.embed(image, deadline, name)
-        return await self._search_code(hcodes.pack(row[None]), k, max_distance)
+        factor = self.rerank_factor if rerank_factor is None else self.check_rerank_factor(rerank_factor)
+        with self.stages.request("Search", k=k):
+            row = await self.embed(image, deadline, name)
+            with self.stages.time("search"):
+                return await self._search_code(hcodes.pack(row[None]), k, max_distance, row[None], factor)
 
     async def search_batch(self, items: Sequence[tuple], deadline: float | None = None) -> list[list[Hit] | HashretError]:
-        """(image, k, max_distance) items searched concurrently; a bad item yields its error, not a failure."""
+        """(image, k, max_distance[, rerank_factor]) items searched concurrently; a bad item yields its error."""
         if len(items) > self.limits.max_batch_items:
             raise BadInput(
                 f"batch | {len(items)} items exceeds {self.limits.max_batch_items} per call: split it or use Search"
@@ -281,8 +329,9 @@ class RetrievalService:
 
         async def one(n: int, item: tuple):
             try:
-                image, k, max_distance = item
-                return await self.search(image, k, max_distance, deadline, name=f"item {n}")
+                image, k, max_distance, *factor = item
+                return await self.search(image, k, max_distance, deadline, name=f"item {n}",
+                                         rerank_factor=factor[0] if factor else None)
             except HashretError as e:
                 return e
 
@@ -292,7 +341,9 @@ class RetrievalService:
         """Validate and encode every item, then write them all at once (all-or-nothing).
 
         Images are encoded as they stream in (at most `max_batch` in flight, so one big
-        upload cannot starve searches of queue slots); only the codes are kept.
+        upload cannot starve searches of queue slots); the codes are kept, and the activations
+        of items sent as images (an item sent as a code has none: a search ranks it after the
+        items with activations at the same distance, see serve.gallery.base.Gallery).
         Returns (items written, gallery size).
         """
         nbytes = self.bits // 8
@@ -307,10 +358,10 @@ class RetrievalService:
             if not t.cancelled() and t.exception() is not None:
                 failed.append(t)
 
-        async def encode_one(image: bytes, what: str) -> np.ndarray:
+        async def encode_one(image: bytes, what: str) -> tuple[np.ndarray, np.ndarray]:
             try:
                 row = await self.embed(image, deadline, what)
-                return hcodes.pack(row[None])[0]
+                return hcodes.pack(row[None])[0], row
             finally:
                 sem.release()
 
@@ -333,7 +384,7 @@ class RetrievalService:
                             f"{what} | code has {len(e.code)} bytes, this model's codes have {nbytes} "
                             f"({self.bits} bits, numpy.packbits order)"
                         )
-                    slots.append(np.frombuffer(bytes(e.code), dtype=np.uint8))
+                    slots.append((np.frombuffer(bytes(e.code), dtype=np.uint8), None))
                 else:
                     image = self.check_image(e.image, what)
                     await sem.acquire()
@@ -354,11 +405,17 @@ class RetrievalService:
             for s in slots:
                 if isinstance(s, asyncio.Future) and not s.done():
                     s.cancel()
-        codes = np.ascontiguousarray(np.stack(rows))
+        codes = np.ascontiguousarray(np.stack([c for c, _ in rows]))
+        acts = None
+        if any(z is not None for _, z in rows):
+            acts = np.full((len(rows), self.bits), np.nan, np.float32)
+            for r, (_, z) in enumerate(rows):
+                if z is not None:
+                    acts[r] = z
         loop = asyncio.get_running_loop()
 
         def write() -> int:
-            self.gallery.upsert(ids, codes, metas)
+            self.gallery.upsert(ids, codes, metas, acts)
             return self.gallery.size
 
         if self.snapshots is not None:

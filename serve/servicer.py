@@ -11,6 +11,7 @@ the coroutine, which cancels its queued inference.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Callable
@@ -42,7 +43,10 @@ def _deadline(context) -> float | None:
 
 
 def _hit(h: Hit) -> pb.Hit:
-    return pb.Hit(id=h.id, distance=int(h.distance), metadata=h.metadata)
+    score = getattr(h, "score", None)
+    if score is None or score != score:  # not re-ranked, or an item without activations (NaN)
+        return pb.Hit(id=h.id, distance=int(h.distance), metadata=h.metadata)
+    return pb.Hit(id=h.id, distance=int(h.distance), metadata=h.metadata, score=score)
 
 
 def _gallery_info(g: dict, size: int) -> pb.GalleryInfo:
@@ -58,10 +62,22 @@ def _gallery_info(g: dict, size: int) -> pb.GalleryInfo:
 class RetrievalServicer(pb_grpc.RetrievalServicer):
     """Thin adapter; `observe(method, code_name, seconds)` receives every call's outcome (metrics, logs)."""
 
-    def __init__(self, service: RetrievalService, observe: Callable[[str, str, float], None] | None = None):
-        self.service = service
+    def __init__(self, service: RetrievalService, observe: Callable[[str, str, float], None] | None = None,
+                 pairs=None):
+        self._service = service
         self._observe = observe
         self.in_flight = 0
+        # serve.pairs.Pairs: which model answers (rollover); each request holds the pair it was admitted on
+        self.pairs = pairs
+
+    @property
+    def service(self) -> RetrievalService:
+        """The live pair's service (it changes on Promote/Rollback)."""
+        return self.pairs.live if self.pairs is not None else self._service
+
+    def _admit(self):
+        """`with self._admit() as svc:` the pair that answers this whole request."""
+        return self.pairs.admit() if self.pairs is not None else contextlib.nullcontext(self._service)
 
     async def _call(self, method: str, context, work):
         """Run `work()`, turning errors into statuses; report the outcome."""
@@ -92,31 +108,41 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
     async def Search(self, request, context):
         async def work():
             md = request.max_distance if request.HasField("max_distance") else None
-            hits = await self.service.search(request.image, request.k, md, _deadline(context))
-            return pb.SearchResponse(hits=[_hit(h) for h in hits], model_id=self.service.model_id)
+            with self._admit() as svc:
+                factor = request.rerank_factor if request.HasField("rerank_factor") else None
+                hits = await svc.search(request.image, request.k, md, _deadline(context), rerank_factor=factor)
+            if self.pairs is not None and self.pairs.shadow is not None:  # after answering, off the hot path
+                self.pairs.shadow.offer(self.pairs, request.image, request.k, md, [h.id for h in hits],
+                                        rerank_factor=factor)
+            return pb.SearchResponse(hits=[_hit(h) for h in hits], model_id=svc.model_id)
 
         return await self._call("Search", context, work)
 
     async def SearchBatch(self, request, context):
         async def work():
             items = [
-                (it.image, it.k, it.max_distance if it.HasField("max_distance") else None) for it in request.items
+                (it.image, it.k, it.max_distance if it.HasField("max_distance") else None,
+                 it.rerank_factor if it.HasField("rerank_factor") else None)
+                for it in request.items
             ]
             out = []
-            for r in await self.service.search_batch(items, _deadline(context)):
+            with self._admit() as svc:
+                results = await svc.search_batch(items, _deadline(context))
+            for r in results:
                 if isinstance(r, HashretError):
                     c = status_code(r)
                     out.append(pb.SearchResult(error=pb.ItemError(code=c.value[0], status=c.name, message=str(r))))
                 else:
                     out.append(pb.SearchResult(hits=pb.HitList(hits=[_hit(h) for h in r])))
-            return pb.SearchBatchResponse(results=out, model_id=self.service.model_id)
+            return pb.SearchBatchResponse(results=out, model_id=svc.model_id)
 
         return await self._call("SearchBatch", context, work)
 
     async def Encode(self, request, context):
         async def work():
-            code = await self.service.encode(request.image, _deadline(context))
-            return pb.EncodeResponse(code=code, bits=self.service.bits, model_id=self.service.model_id)
+            with self._admit() as svc:
+                code = await svc.encode(request.image, _deadline(context))
+            return pb.EncodeResponse(code=code, bits=svc.bits, model_id=svc.model_id)
 
         return await self._call("Encode", context, work)
 
@@ -132,28 +158,34 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                 )
 
         async def work():
-            n, size = await self.service.upsert(entries(), _deadline(context))
+            writer = self.pairs if self.pairs is not None else self.service  # both pairs while two are loaded
+            n, size = await writer.upsert(entries(), _deadline(context))
             return pb.UpsertResponse(count=n, gallery_size=size)
 
         return await self._call("Upsert", context, work)
 
     async def Delete(self, request, context):
         async def work():
-            n, size = await self.service.delete(list(request.ids))
+            writer = self.pairs if self.pairs is not None else self.service
+            n, size = await writer.delete(list(request.ids))
             return pb.DeleteResponse(count=n, gallery_size=size)
 
         return await self._call("Delete", context, work)
 
     async def Info(self, request, context):
         async def work():
-            i = self.service.info()
+            with self._admit() as svc:
+                return await info(svc)
+
+        async def info(svc):
+            i = svc.info()
             m, g, lim = i.get("model", {}), i["gallery"], i["limits"]
             pre = m.get("preprocessing", {})
             return pb.InfoResponse(
                 model_id=i["model_id"],
                 model=pb.ModelSummary(
                     backbone=m.get("backbone", ""),
-                    bits=int(m.get("bits", self.service.bits)),
+                    bits=int(m.get("bits", svc.bits)),
                     preprocessing=pb.Preprocessing(
                         resize=int(pre.get("resize", 0)),
                         crop=int(pre.get("crop", 0)),
@@ -165,9 +197,11 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                     dataset=m.get("dataset", ""),
                 ),
                 backend=i.get("backend", ""),
-                gallery=_gallery_info(g, await self.service.gallery_size()),
+                gallery=_gallery_info(g, await svc.gallery_size()),
                 versions={k: str(v) for k, v in (i.get("versions") or {}).items() if v is not None},
                 limits=pb.Limits(**{k: int(lim[k]) for k in pb.Limits.DESCRIPTOR.fields_by_name if k in lim}),
+                standby_model_id=self.pairs.status()["standby_model_id"] if self.pairs is not None else "",
+                standby_role=self.pairs.status()["standby_role"] if self.pairs is not None else "",
             )
 
         return await self._call("Info", context, work)

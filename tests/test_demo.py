@@ -44,6 +44,16 @@ def test_demo_small_subset_end_to_end(grocery_root, tmp_path, monkeypatch, capsy
     assert 0.0 <= r["mAP@10"] <= 1.0
     # served codes are the run's codes: the served mAP@10 equals the offline one up to tie order
     assert abs(r["mAP@10"] - s["offline"]["mAP@10"]) < 0.05
+    # re-ranked by default; the same queries in Hamming order too; both equal to what the gallery's
+    # stored codes and activations give offline with the same engine
+    same = r["offline_same_engine"]
+    assert r["binary"]["queries"] == LIMIT and r["binary"]["failed"] == 0
+    assert r["mAP@10"] == pytest.approx(same["mAP@10(rerank)"], abs=1e-9)
+    assert r["binary"]["mAP@10"] == pytest.approx(same["mAP@10"], abs=1e-9)
+    assert "mAP@10(rerank)" in s["offline"] and "re-rank    served mAP@10" in out and "equals offline" in out
+    # the hits the demo shows are ordered by their cosine score, not by gallery insertion order
+    lines = [ln for ln in out.splitlines() if " d=" in ln and "cos=" in ln]
+    assert lines, out[-2000:]
     lat = r["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
     assert shop["queries"] == LIMIT and shop["failed"] == 0
@@ -126,7 +136,7 @@ def test_help_keeps_every_flag_and_default(capsys):
 
     args = build_parser("demo").parse_args(["demo"])
     assert (args.backend, args.method, args.bits, args.epochs, args.formats, args.sheet, args.workdir) == (
-        "ort", "dch", 64, 60, "onnx,onnx-int8", 40, "hashret-demo")
+        "ort", "csq", 64, 60, "onnx,onnx-int8", 40, "hashret-demo")
     assert args._module == "demo.cli"
 
 

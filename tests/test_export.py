@@ -134,6 +134,18 @@ def test_onnx_structure_and_dynamic_batch(exp):
         assert out.shape == (n, BITS) and out.dtype == np.float32 and np.abs(out).max() <= 1.0
 
 
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.fp16.onnx", "model.int8.onnx"])
+def test_uint8_input_is_cast_before_anything_else(exp, name):
+    """TensorRT takes a uint8 tensor only into a Cast: a Transpose on the raw input fails its build."""
+    import onnx
+
+    model = onnx.load(str(exp / name))
+    users = [n for n in model.graph.node if "images" in n.input]
+    assert users and {n.op_type for n in users} == {"Cast"}, [(n.op_type, n.name) for n in users]
+    assert all(onnx.helper.get_attribute_value(a) != onnx.TensorProto.UINT8
+               for n in users for a in n.attribute if a.name == "to")
+
 def test_ort_matches_torch_on_real_images(exp):
     from export.golden import load_golden
 
@@ -425,15 +437,20 @@ def test_tensorrt_engine_build_and_check(run_exp, tmp_path):
 class _FakeTRT:
     """Just enough of the TensorRT Python API to drive export.tensorrt without a GPU.
 
-    `major` 10 has BuilderFlag.FP16 (weak typing); 11 does not (strongly typed only)."""
+    The enums follow the real bindings (NVIDIA's Python API pages for 10.x and 11.0, and NvInfer.h):
+    10.x has BuilderFlag.FP16/INT8 (weak typing) and NetworkDefinitionCreationFlag EXPLICIT_BATCH = 0
+    (deprecated, ignored) and STRONGLY_TYPED = 1; 11.x has neither builder flag nor EXPLICIT_BATCH,
+    and STRONGLY_TYPED = 0 (deprecated: strongly typed is always on). Touching a member the real
+    module lacks raises AttributeError here as it would there."""
 
     def __init__(self, major: int, parse_ok: bool = True):
         from types import SimpleNamespace as NS
 
         self.__version__ = f"{major}.3.0"
         self.calls: list = []
-        self.BuilderFlag = NS(FP16="FP16") if major < 11 else NS()
-        self.NetworkDefinitionCreationFlag = NS(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
+        self.BuilderFlag = NS(FP16="FP16", INT8="INT8") if major < 11 else NS()
+        self.NetworkDefinitionCreationFlag = (NS(EXPLICIT_BATCH=0, STRONGLY_TYPED=1) if major < 11
+                                              else NS(STRONGLY_TYPED=0))
         self.MemoryPoolType = NS(WORKSPACE="WORKSPACE")
         self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level=None: None})
         fake = self
@@ -503,8 +520,8 @@ class _FakeTRT:
 
 
 @pytest.mark.parametrize("major, source, flags, fp16_flag", [
-    (10, "model.onnx", 0, True),  # weak typing: FP16 builder flag on the fp32 ONNX
-    (11, "model.fp16.onnx", 1 << 1, False),  # strongly typed: precision from the fp16 ONNX
+    (10, "model.onnx", 0, True),  # weak typing: FP16 builder flag on the fp32 ONNX, no creation flag
+    (11, "model.fp16.onnx", 0, False),  # strongly typed (implied there): precision from the fp16 ONNX
 ])
 def test_tensorrt_builder_code_paths_without_a_gpu(tmp_path, monkeypatch, major, source, flags, fp16_flag):
     import export.tensorrt as T
@@ -570,3 +587,46 @@ def test_tensorrt_parser_errors_are_reported(tmp_path, monkeypatch):
     with pytest.raises(CheckFailed, match="ONNX parser failed: Unsupported operator Foo"):
         T.engine_from_onnx(tmp_path / "model.onnx", tmp_path / "model.plan")
     assert not (tmp_path / "model.plan").exists()
+
+
+@pytest.mark.parametrize("major, strongly_typed, flags, fp16_flag", [
+    (10, None, 0, True),  # default on 10: weak typing
+    (10, True, 1 << 1, False),  # opt-in on 10: STRONGLY_TYPED is bit 1 there
+    (11, None, 0, False),  # default on 11: strongly typed, flag deprecated and not set
+    (11, True, 0, False),
+])
+def test_tensorrt_strongly_typed_default_follows_the_major_version(tmp_path, monkeypatch, major, strongly_typed,
+                                                                   flags, fp16_flag):
+    import export.tensorrt as T
+
+    trt = _FakeTRT(major)
+    monkeypatch.setattr(T, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(T, "cuda_device_facts", lambda: {"gpu": "Fake GPU", "compute_capability": "9.0"})
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    info = T.engine_from_onnx(tmp_path / "model.onnx", tmp_path / "model.plan", precision="fp16",
+                              strongly_typed=strongly_typed)
+    assert ("network_flags", flags) in trt.calls
+    assert (("flag", "FP16") in trt.calls) == fp16_flag
+    assert info["strongly_typed"] == (not fp16_flag)
+
+
+def test_tensorrt_11_refuses_weak_typing_before_touching_builder_flags(tmp_path, monkeypatch):
+    import export.tensorrt as T
+
+    trt = _FakeTRT(11)
+    monkeypatch.setattr(T, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(T, "cuda_device_facts", lambda: {"gpu": "Fake GPU", "compute_capability": "9.0"})
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    with pytest.raises(BadInput, match=r"tensorrt 11\.3\.0 \| builds strongly typed networks only.*strongly_typed=True"):
+        T.engine_from_onnx(tmp_path / "model.onnx", tmp_path / "model.plan", precision="fp16", strongly_typed=False)
+    assert trt.calls == [] and not (tmp_path / "model.plan").exists()
+
+
+def test_fake_tensorrt_enums_match_the_real_bindings():
+    """Guards the fake itself: the values the real 10.x and 11.x modules expose."""
+    t10, t11 = _FakeTRT(10), _FakeTRT(11)
+    assert (t10.NetworkDefinitionCreationFlag.EXPLICIT_BATCH, t10.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == (0, 1)
+    assert t11.NetworkDefinitionCreationFlag.STRONGLY_TYPED == 0
+    assert not hasattr(t11.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    assert hasattr(t10.BuilderFlag, "FP16") and not hasattr(t11.BuilderFlag, "FP16")
+    assert not hasattr(t11.BuilderFlag, "INT8")

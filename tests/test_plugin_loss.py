@@ -73,7 +73,7 @@ def test_help_lists_the_plugin_only_while_registered(capsys, monkeypatch):
         text = _help(capsys)
         assert f"--method {{csq,dch,hashnet,{NAME}}}" in text
         assert "dch: Deep Cauchy Hashing; csq: Central Similarity Quantization" in text
-        assert f"; {NAME}: cosine contrastive loss with a margin (test plug-in) (default: dch)" in text
+        assert f"; {NAME}: cosine contrastive loss with a margin (test plug-in) (default: csq)" in text
         assert ("--contrast-margin CONTRAST_MARGIN cosine below which dissimilar pairs stop pushing "
                 "(default: 0.2)") in text
         assert f"(default: csq 60, dch 60, hashnet 100, {NAME} 3)" in text

@@ -135,8 +135,9 @@ def client(server):
         yield c
 
 
-def offline_search(engine, spec, gallery_dir, images, k):
-    """What the server should answer: the same engine (bs=1), packed, searched in the same gallery."""
+def offline_search(engine, spec, gallery_dir, images, k, rerank_factor=10):
+    """What the server should answer: the same engine (bs=1), packed, searched in the same gallery,
+    re-ranked by the activations as the server does by default (--rerank-factor 10)."""
     from serve.gallery import open_gallery
 
     g = open_gallery(gallery_dir)
@@ -144,7 +145,7 @@ def offline_search(engine, spec, gallery_dir, images, k):
         out = []
         for img in images:
             z = engine.encode(load_image(img, spec)[None])
-            out.append([(h.id, h.distance) for h in g.search(hcodes.pack(z), k)[0]])
+            out.append([(h.id, h.distance) for h in g.search(hcodes.pack(z), k, None, z, rerank_factor)[0]])
         return out
     finally:
         g.close()
@@ -552,12 +553,13 @@ def test_milvus_gallery_serves_the_same_hits(exp_dir, gallery_dir, tmp_path_fact
     try:
         ids = src.ids()
         rows = [src.get(i) for i in ids]
+        acts = src.stored_activations()  # both servers re-rank by them
     finally:
         src.close()
     gal = tmp_path_factory.mktemp("milvus") / "gal"
     g = create_gallery(gal, "milvus", 64, src.model_sha256)
     try:
-        g.upsert(ids, np.stack([r[0] for r in rows]), [r[1] for r in rows])
+        g.upsert(ids, np.stack([r[0] for r in rows]), [r[1] for r in rows], acts)
     finally:
         g.close()
     queries = data[2][:3]

@@ -117,6 +117,11 @@ def contents(g) -> list[tuple[str, bytes, dict]]:
     return out
 
 
+def activations(g) -> bytes:
+    """Every item's stored activations (the snapshot's .activations.npy plus the WAL's), as bytes."""
+    return g.stored_activations().tobytes()
+
+
 def as_list(state: dict) -> list[tuple[str, bytes, dict]]:
     return [(i, c, md) for i, (c, md) in state.items()]
 
@@ -145,6 +150,7 @@ class State:
     final: list  # the acknowledged content
     snap_seq: int  # the live manifest's wal_seq
     at_seq: dict[int, list]  # WAL seq -> acknowledged content after that record
+    acts: bytes | None = None  # the stored activations of `final`, when the gallery keeps them
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +166,7 @@ def states(exp, tmp_path_factory):
     root = tmp_path_factory.mktemp("storage-fuzz")
     gal = build_gallery(exp, root / "gal", n=N_BASE)
     with open_gallery(gal) as g:  # what `index build` acknowledged
+        assert g.has_activations  # so the fuzz covers the activations file too
         state = {i: (c, md) for i, c, md in contents(g)}
         base_seq = int(g.manifest["snapshot"]["wal_seq"])
     run1, run2 = write_plan()
@@ -200,6 +207,9 @@ def states(exp, tmp_path_factory):
         files = {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
         m = json.loads(files["manifest.json"])
         out[name] = State(name, path, files, at_seq[base_seq + len(ops)], int(m["snapshot"]["wal_seq"]), at_seq)
+        with open_gallery(path) as g:
+            out[name].acts = activations(g)
+        restore(path, files)
     assert out["crash"].snap_seq == base_seq + len(run1)
     assert out["crash-in-snapshot"].snap_seq == base_seq + len(ops)
     assert len(out["crash-in-snapshot"].files) > len(out["crash"].files)  # both generations are there
@@ -343,8 +353,11 @@ def attempt(st: State, m: Mutation) -> Result:
             return Result(m, f"FAIL {type(e).__name__} instead of a refusal", str(e))
         try:
             got = contents(g)
+            acts = activations(g) if st.acts is not None else None
         finally:
             g.close()
+        if got == st.final and acts != st.acts:
+            return Result(m, "FAIL served other activations than were acknowledged")
         if got == st.final:
             return Result(m, "equal")
         if m.file == "wal.jsonl" and m.how == "truncate":
@@ -417,11 +430,13 @@ def server_cases(st: State) -> list[tuple[str, Mutation, bool]]:
     """(what, mutation, refused?) replayed against `hashret serve`: one per kind of file, and one harmless."""
     man, wal = st.files["manifest.json"], st.files["wal.jsonl"]
     codes = next(n for n in st.files if n.endswith(".codes.npy"))
+    acts = next(n for n in st.files if n.endswith(".activations.npy"))
     after = lambda text, key: text.find(key) + len(key)
     last = wal.rstrip(b"\n").rfind(b"\n") + 1
     return [
         ("wal_seq digit", Mutation("manifest.json", "flip", after(man, b'"wal_seq": '), 0), True),
         ("half a snapshot file", Mutation(codes, "truncate", len(st.files[codes]) // 2), True),
+        ("a bit of the activations file", Mutation(acts, "flip", len(st.files[acts]) - 5, 2), True),
         ("a bit inside the last WAL line", Mutation("wal.jsonl", "flip", (last + len(wal)) // 2, 1), True),
         ("the year of 'saved'", Mutation("manifest.json", "flip", after(man, b'"saved": "') + 3, 0), False),
     ]

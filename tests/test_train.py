@@ -348,7 +348,7 @@ def test_train_hashnet_learns_something(subset, tmp_path):
         (["--method", "hashnet"], 100, 3e-4, {"beta_gamma": 0.3}),
         (["--method", "hashnet", "--beta-gamma", "0.1", "--alpha", "0.5", "--epochs", "7"], 7, 3e-4,
          {"alpha": 0.5, "beta_gamma": 0.1}),
-        (["--gamma", "5", "--lr", "0.01"], 60, 0.01, {"gamma": 5.0}),
+        (["--method", "dch", "--gamma", "5", "--lr", "0.01"], 60, 0.01, {"gamma": 5.0}),
         (["--method", "csq"], 60, 1e-3, {}),
         (["--method", "csq", "--quant-weight", "0.01"], 60, 1e-3, {"quant_weight": 0.01}),  # a flag DCH shares
     ],

@@ -2,6 +2,8 @@
 
 Pooled features are computed once per (image list, backbone, weights, preprocessing) and reused:
 training the hash head then takes seconds instead of re-running the backbone every epoch.
+`--finetune last-block` caches the last block's *input* instead (`at="last-block"`, float16
+[N, C, H, W]), so the last block trains from the cache without decoding an image again.
 """
 from __future__ import annotations
 
@@ -64,13 +66,16 @@ def collate(batch):
 FEATURE_VERSION = 3
 
 
-def cache_key(samples: list[Sample], backbone: Backbone) -> str:
+def cache_key(samples: list[Sample], backbone: Backbone, at: str = "pooled") -> str:
     h = hashlib.sha256()
     h.update(f"v{FEATURE_VERSION}".encode())
     weights = backbone.weights
     if Path(weights).is_file():  # a local .pth: key on its content, not its name
         weights = sha256_file(weights)
-    h.update(json.dumps({"backbone": backbone.name, "weights": weights, "spec": backbone.spec.to_dict()}).encode())
+    what = {"backbone": backbone.name, "weights": weights, "spec": backbone.spec.to_dict()}
+    if at != "pooled":  # pooled keys stay as they were, so existing caches keep their hits
+        what["at"] = f"{at}:{backbone.split}"
+    h.update(json.dumps(what).encode())
     for s in samples:
         try:
             st = os.stat(s.path)
@@ -94,9 +99,20 @@ def extract(
     device: str = "cpu",
     skip_bad: bool = False,
     progress: bool = True,
+    at: str = "pooled",
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Features [M, dim] float32 for the readable samples, their indices into `samples`, and skip notes."""
-    net = torch.nn.Sequential(Normalize(backbone.spec), backbone.net).to(device).eval()
+    """Features for the readable samples, their indices into `samples`, and skip notes.
+
+    Features are [M, dim] float32 pooled features, or with ``at="last-block"`` the last block's
+    input [M, C, H, W] as float16 (half the bytes; the block trains in float32 from it).
+    """
+    trunk = backbone.net
+    if at == "last-block":
+        if backbone.stem is None:
+            raise BadInput(f"backbone {backbone.name} | has no split before its last block: "
+                           "use --finetune none, or a backbone that defines one (efficientnet-lite0, resnet50)")
+        trunk = backbone.stem
+    net = torch.nn.Sequential(Normalize(backbone.spec), trunk).to(device).eval()
     loader = DataLoader(
         ImageList(samples, backbone.spec), batch_size=batch_size, shuffle=False,
         num_workers=num_workers(), collate_fn=collate,
@@ -109,12 +125,15 @@ def extract(
                 raise BadInput(f"{err} (use --skip-bad to skip unreadable images)")
             skipped.append(err)
         if len(idx):
-            feats.append(net(x.to(device)).float().cpu().numpy())
+            y = net(x.to(device)).float().cpu().numpy()
+            feats.append(y.astype(np.float16) if at == "last-block" else y)
             kept.extend(idx)
         bar.update(len(idx) + len(errs))
     bar.close()
-    dim = backbone.dim
-    out = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
+    if at == "last-block":
+        return (np.concatenate(feats) if feats else np.zeros((0, 0, 0, 0), np.float16),
+                np.asarray(kept, dtype=np.int64), skipped)
+    out = np.concatenate(feats) if feats else np.zeros((0, backbone.dim), np.float32)
     return out.astype(np.float32), np.asarray(kept, dtype=np.int64), skipped
 
 
@@ -122,11 +141,13 @@ def cached_features(
     samples: list[Sample],
     backbone: Backbone,
     cache_dir: str | os.PathLike | None = None,
+    at: str = "pooled",
     **kw,
 ) -> tuple[np.ndarray, np.ndarray, list[str], bool]:
     """`extract` through the cache; returns (features, kept indices, skip notes, cache_hit)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = cache_dir / f"{backbone.name}-{cache_key(samples, backbone)}.npz"
+    prefix = backbone.name if at == "pooled" else f"{backbone.name}-{at}"
+    path = cache_dir / f"{prefix}-{cache_key(samples, backbone, at)}.npz"
     if path.is_file():
         try:
             with np.load(path) as z:
@@ -138,7 +159,7 @@ def cached_features(
             return f, kept, skipped, True
         except (OSError, KeyError, ValueError) as e:
             log.warning("feature cache %s unreadable (%s): recomputing", path, e)
-    f, kept, skipped = extract(samples, backbone, **kw)
+    f, kept, skipped = extract(samples, backbone, at=at, **kw)
 
     def write(fh):
         np.savez(fh, features=f, kept=kept, skipped=np.asarray(skipped, dtype=str))

@@ -1,26 +1,52 @@
-"""The README's quality table: every registered loss x bits 16/32/64 on one dataset, binary and continuous mAP.
+"""The README's quality table: every registered loss x bits 16/32/64 x 3 seeds on one dataset, as mean ± std.
 
-    python -m train.table --data ../shared/datasets/grocery --out benchmarks/results/train_table.json
+    python -m train.table --data ../shared/datasets/grocery --out benchmarks/results/train_table.json --readme README.md
 
-Each cell is a full `hashret train` run (features come from the cache after the first one).
+Each cell is a full `hashret train` run per seed (features come from the cache after the first one).
+The JSON keeps every run and the per-cell summary; `render_markdown` turns it into the README table,
+which lives between TABLE_BEGIN and TABLE_END so it is regenerated, never edited by hand
+(`--from-json` re-renders without training).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import platform
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from hashret.cli import main as hashret
 from hashret.cliargs import add_data_args, add_output_args
 from hashret.codes import check_bits
-from hashret.datasets import default_data_root
-from hashret.errors import BadInput, HashretError
-from hashret.fsutil import write_json_atomic
+from hashret.datasets import SplitOptions, default_data_root, read_dataset
+from hashret.errors import BadInput, HashretError, MissingArtifact
+from hashret.fsutil import atomic_write, write_json_atomic
 from hashret.manifest import now_iso, versions
 from train.losses import LOSSES
+
+log = logging.getLogger("hashret.table")
+
+TABLE_BEGIN = "<!-- train_table:begin -->"
+TABLE_END = "<!-- train_table:end -->"
+
+# metrics.json key -> column title, in column order. A key a run does not report (re-ranking, on a
+# tree where train's evaluation has not got it yet) is left out of the JSON and shown as "n/a".
+COLUMNS = {
+    "mAP@all": "mAP@all",
+    "mAP@10": "mAP@10",
+    "mAP@all(tie-aware)": "tie-aware mAP@all",
+    "mAP@all(rerank)": "rerank mAP@all",
+    "mAP@10(rerank)": "rerank mAP@10",
+}
+# Also kept per run (not summarized in the README): references that explain the columns.
+EXTRA = ("mAP@10(tie-aware)", "precision@10", "precision@H<=2", "mAP@all(continuous)", "mAP@10(continuous)")
 
 
 def main(argv=None) -> int:
@@ -31,10 +57,21 @@ def main(argv=None) -> int:
     p.add_argument("--backbone", default="efficientnet-lite0", help="(default: efficientnet-lite0)")
     p.add_argument("--bits", default="16,32,64", help="comma-separated code lengths (default: 16,32,64)")
     p.add_argument("--methods", default=methods, help=f"comma-separated losses (default: {methods})")
-    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; the others follow it (default: 0)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="seeds per cell (seed, seed+1, ...), summarized as mean ± sample std (default: 3)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="passed to hashret train: first N images of each split, for trials (default: all)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passed to hashret train; trials only, the table uses each loss's own (default: per loss)")
     add_output_args(p, default="benchmarks/results/train_table.json", metavar="OUT", progress=False,
                     help="JSON file to write the rows to")
-    p.add_argument("--keep-runs", default=None, help="keep the run folders here (default: temporary)")
+    p.add_argument("--keep-runs", default=None,
+                   help="keep the run folders here; a re-run reuses the finished ones (default: temporary)")
+    p.add_argument("--readme", default=None,
+                   help=f"also rewrite this file's table between {TABLE_BEGIN} and {TABLE_END} (default: none)")
+    p.add_argument("--from-json", action="store_true",
+                   help="train nothing: render --out (an existing table) into --readme and print it (default: off)")
     args = p.parse_args(argv)
     try:
         return _table(args, argv)
@@ -44,8 +81,22 @@ def main(argv=None) -> int:
 
 
 def _table(args, argv) -> int:
+    if args.from_json:
+        table = load_table(args.out)
+    else:
+        table = run_table(args, argv)
+        write_json_atomic(args.out, table)
+    md = render_markdown(table)
+    print(md)
+    if args.readme:
+        update_readme(args.readme, md)
+    return 0
+
+
+def run_table(args, argv) -> dict:
     # Checked before the first run, so a typo does not surface an hour into the table.
-    for method in args.methods.split(","):
+    method_list = args.methods.split(",")
+    for method in method_list:
         LOSSES.get(method)
     try:
         bit_list = [int(b) for b in args.bits.split(",")]
@@ -53,34 +104,190 @@ def _table(args, argv) -> int:
         raise BadInput(f"--bits {args.bits!r} | not a comma-separated list of integers: pass e.g. 16,32,64") from None
     for bits in bit_list:
         check_bits(bits, "--bits")
+    if args.repeats < 1:
+        raise BadInput(f"--repeats {args.repeats} | needs at least one seed per cell: pass 1 or more")
+    seeds = list(range(args.seed, args.seed + args.repeats))
     data = args.data or default_data_root()
-    rows = []
+    extra = [*(["--limit", str(args.limit)] if args.limit else []), *(["--epochs", str(args.epochs)] if args.epochs else [])]
+    runs = []
+    t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.keep_runs or tmp)
-        for method in args.methods.split(","):
+        for method in method_list:
             for bits in bit_list:
-                out = base / f"{method}{bits}"
-                t0 = time.time()
-                code = hashret(["train", "--data", str(data), "--format", args.format, "--backbone", args.backbone,
-                                "--method", method, "--bits", str(bits), "--seed", str(args.seed),
-                                "--out", str(out), "--no-progress"])
-                if code:
-                    return code
-                m = json.loads((out / "metrics.json").read_text())
-                rows.append({"method": method, "bits": bits, "mAP@all": m["mAP@all"], "mAP@10": m["mAP@10"],
-                             "precision@10": m["precision@10"], "precision@H<=2": m["precision@H<=2"],
-                             "mAP@all(continuous)": m["mAP@all(continuous)"],
-                             "mAP@10(continuous)": m["mAP@10(continuous)"],
-                             "head_seconds": m["timing_s"]["head"], "wall_seconds": round(time.time() - t0, 1)})
-    print("| method | bits | mAP@all | mAP@10 | continuous mAP@all | continuous mAP@10 | head train s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+                for seed in seeds:
+                    out = base / f"{method}{bits}-s{seed}"
+                    t0 = time.time()
+                    kept = args.keep_runs and finished_run(out, method, bits, seed, args)
+                    if not kept:
+                        code = hashret(["train", "--data", str(data), "--format", args.format,
+                                        "--backbone", args.backbone, "--method", method, "--bits", str(bits),
+                                        "--seed", str(seed), "--out", str(out), "--no-progress", *extra])
+                        if code:
+                            raise BadInput(f"hashret train --method {method} --bits {bits} --seed {seed} | exited "
+                                           f"{code}: see its message above, fix it and re-run the table")
+                    m = json.loads((out / "metrics.json").read_text())
+                    runs.append({"method": method, "bits": bits, "seed": seed,
+                                 **{k: m[k] for k in (*COLUMNS, *EXTRA) if k in m},
+                                 "head_seconds": m["timing_s"]["head"],
+                                 "wall_seconds": m["timing_s"]["total"] if kept else round(time.time() - t0, 1),
+                                 **({"resumed": True} if kept else {})})
+    return {
+        "command": " ".join(["python -m train.table", *(argv if argv is not None else sys.argv[1:])]),
+        "created": now_iso(),
+        "machine": machine(),
+        "data": str(data), "backbone": args.backbone, "limit": args.limit, "epochs": args.epochs,
+        "protocol": "database = train+val, queries = test (the dataset's standard split)",
+        "seeds": seeds,
+        "versions": versions(),
+        "total_seconds": round(time.time() - t_start, 1),  # small when the runs were resumed
+        "runs_wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
+        "rows": summarize(runs),
+        "best_64": best_method(summarize(runs), 64),
+        "runs": runs,
+    }
+
+
+def finished_run(out: Path, method: str, bits: int, seed: int, args) -> bool:
+    """Whether --keep-runs already holds this cell's finished run, made with the same settings.
+
+    A table is 27 runs; this lets one that was stopped carry on instead of starting over. A folder
+    from other settings (or a tree whose metrics lack a column this table now reports) is retrained.
+    """
+    try:
+        m = json.loads((out / "manifest.json").read_text())
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    from train.train import tuned_default
+
+    t = m.get("training", {})
+    epochs = args.epochs if args.epochs is not None else tuned_default(LOSSES.get(method), "epochs")
+    same = (m.get("bits") == bits and m.get("method", {}).get("name") == method and t.get("seed") == seed
+            and m.get("backbone", {}).get("name") == args.backbone and t.get("limit") == args.limit
+            and t.get("finetune") == "none" and t.get("epochs") == epochs
+            and all(k in metrics for k in (*COLUMNS, "timing_s")))
+    if same:  # the same images and labels, as train fingerprints them (after --limit)
+        splits = read_dataset(args.data or default_data_root(), args.format, SplitOptions(seed=seed))
+        if args.limit:
+            for name in ("train", "database", "query"):
+                setattr(splits, name, getattr(splits, name)[: args.limit])
+        same = m.get("dataset", {}).get("fingerprint") == splits.fingerprint()
+    if same:
+        log.info("table: reusing the finished run %s", out)
+    return same
+
+
+def machine() -> dict:
+    """Where the table ran: CPU model, cores and the torch threads each run used (timings depend on it)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "git_dirty": _git_dirty(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "platform": platform.platform()}
+
+
+def _git_dirty() -> bool | None:
+    """Whether the working tree differs from its commit (the numbers then belong to uncommitted code)."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           timeout=30, cwd=Path(__file__).resolve().parents[1], check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(r.stdout.strip()) if r.returncode == 0 else None
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (method, bits): mean and sample std over its seeds of every column the runs report."""
+    cells: dict[tuple[str, int], list[dict]] = {}
+    for r in runs:
+        cells.setdefault((r["method"], r["bits"]), []).append(r)
+    rows = []
+    for (method, bits), rs in cells.items():
+        row = {"method": method, "bits": bits, "seeds": [r["seed"] for r in rs]}
+        for key in (*COLUMNS, "head_seconds"):
+            values = [r[key] for r in rs if key in r]
+            if len(values) == len(rs):  # a column some seeds lack would average different things
+                row[key] = {"mean": statistics.fmean(values),
+                            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        rows.append(row)
+    return rows
+
+
+def best_method(rows: list[dict], bits: int, key: str = "mAP@all") -> str | None:
+    """The method with the highest mean `key` at `bits`, or None when no row has that length."""
+    at = [r for r in rows if r["bits"] == bits and key in r]
+    return max(at, key=lambda r: r[key]["mean"])["method"] if at else None
+
+
+def load_table(path) -> dict:
+    try:
+        table = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MissingArtifact(f"{path} | no table there: run python -m train.table first, or pass --out") from None
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path} | not a readable table ({e}): re-run python -m train.table") from None
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), list) or \
+            not all(isinstance(r, dict) and "method" in r and "bits" in r for r in table["rows"]):
+        raise BadInput(f"{path} | has no rows of method/bits cells: re-run python -m train.table")
+    return table
+
+
+def _cell(row: dict, key: str) -> str:
+    v = row.get(key)
+    if not isinstance(v, dict):
+        return "n/a"
+    return f"{v['mean']:.4f} ± {v['std']:.4f}" if len(row.get("seeds", [])) > 1 else f"{v['mean']:.4f}"
+
+
+def render_markdown(table: dict) -> str:
+    """The README's table (and the line under it saying where and how it was made) from the JSON."""
+    rows = table["rows"]
+    seeds = table.get("seeds") or sorted({s for r in rows for s in r.get("seeds", [])})
+    lines = ["| method | bits | " + " | ".join(COLUMNS.values()) + " | head train s |",
+             "|---|---:|" + "---:|" * len(COLUMNS) + "---:|"]
     for r in rows:
-        print(f"| {r['method']} | {r['bits']} | {r['mAP@all']:.4f} | {r['mAP@10']:.4f} | "
-              f"{r['mAP@all(continuous)']:.4f} | {r['mAP@10(continuous)']:.4f} | {r['head_seconds']:.1f} |")
-    write_json_atomic(args.out, {"command": " ".join(["python -m train.table", *(argv or sys.argv[1:])]),
-                                 "created": now_iso(), "data": str(data), "backbone": args.backbone,
-                                 "versions": versions(), "rows": rows})
-    return 0
+        head = r.get("head_seconds")
+        head = f"{head['mean']:.1f}" if isinstance(head, dict) else "n/a"
+        lines.append(f"| {r['method']} | {r['bits']} | " + " | ".join(_cell(r, k) for k in COLUMNS) + f" | {head} |")
+    m, v = table.get("machine", {}), table.get("versions", {})
+    note = (f"\nMean ± sample std over seeds {', '.join(map(str, seeds))}; "
+            f"`{table.get('command', 'python -m train.table')}` on {m.get('cores', '?')} cores "
+            f"({m.get('cpu', 'unknown CPU')}, torch threads: {m.get('torch_threads', '?')}), "
+            f"{str(table.get('created', ''))[:10]}, commit {str(v.get('git_commit', 'unknown'))[:10]}"
+            f"{' plus uncommitted changes' if m.get('git_dirty') else ''}.")
+    missing = [t for k, t in COLUMNS.items() if not any(k in r for r in rows)]
+    if missing:
+        note += f" Not measured in this table: {', '.join(missing)} (n/a)."
+    best = best_method(rows, 64)
+    if best:
+        note += f" Best at 64 bits on mean mAP@all: **{best}**."
+    return "\n".join(lines) + "\n" + note
+
+
+def update_readme(path, markdown: str) -> None:
+    """Replace what lies between the table markers in `path` with `markdown`."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise MissingArtifact(f"--readme {path} | cannot read it ({e}): pass the README's path") from None
+    if text.count(TABLE_BEGIN) != 1 or text.count(TABLE_END) != 1 or text.index(TABLE_BEGIN) > text.index(TABLE_END):
+        raise BadInput(f"--readme {path} | needs exactly one {TABLE_BEGIN} followed by one {TABLE_END}: "
+                       "put them around the table to regenerate")
+    before, rest = text.split(TABLE_BEGIN)
+    _, after = rest.split(TABLE_END)
+    new = f"{before}{TABLE_BEGIN}\n{markdown}\n{TABLE_END}{after}"
+    atomic_write(p, lambda f: f.write(new.encode()))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from hashret.datasets import Sample, SplitOptions, Splits, default_data_root, re
 from hashret.errors import BadInput
 from hashret.fsutil import atomic_write
 from hashret.manifest import file_entry
-from hashret.metrics import evaluate, mean_average_precision_cosine, pr_curve
+from hashret.metrics import evaluate, mean_average_precision_cosine, pr_curve, rerank_map
 from hashret.models import BACKBONES, Backbone, HashEncoder, HashHead, build_backbone
 from train import distributed
 from train.features import cached_features
@@ -43,7 +43,8 @@ TUNABLE: dict[str, tuple[type, str, object]] = {
     "epochs": (int, "head training epochs on cached features", 60),
     "lr": (float, "Adam learning rate of the head", 1e-3),
 }
-DEFAULT_METHOD = "dch"
+# The best on the mean 64-bit mAP@all of the quality table (benchmarks/results/train_table.json).
+DEFAULT_METHOD = "csq"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -88,7 +89,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     add_tunable_arg(g, "lr")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 0.0001)")
     g.add_argument("--finetune", default="none", choices=["none", "last-block"],
-                   help="also train the backbone's last block on images (slow on CPU; for GPU hosts) (default: none)")
+                   help="also train the backbone's last block, from a cache of its input (default: none)")
     g.add_argument("--finetune-epochs", type=int, default=3, help="epochs of last-block fine-tuning (default: 3)")
     g.add_argument("--finetune-lr", type=float, default=1e-4, help="learning rate for the last block (default: 0.0001)")
     g.add_argument("--limit", type=int, default=None,
@@ -242,79 +243,85 @@ def train_head(
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-def finetune_last_block(encoder: HashEncoder, backbone, samples, loss_fn, args, d, device) -> list[float]:
-    """Train the backbone's last block plus the head on images (BatchNorm statistics stay frozen)."""
-    from torch.utils.data import DataLoader
+def add_block_inputs(feats: Features, backbone: Backbone, args, d: distributed.Dist, device: str) -> None:
+    """Attach each split's cached last-block inputs (float16), extracting them once per image list."""
+    uniq = sorted({s.path: s for s in feats.train.samples + feats.database.samples + feats.query.samples}.values(),
+                  key=lambda s: s.path)
 
-    from train.features import ImageList, collate, num_workers
+    def cached(progress: bool):
+        return cached_features(uniq, backbone, args.cache_dir, at="last-block", device=device,
+                               skip_bad=args.skip_bad, progress=progress)
 
-    encoder.to(device)
+    if d.main:  # as for pooled features: rank 0 fills the cache, the others read it
+        X, kept, _, _ = cached(not args.no_progress)
+    distributed.barrier(d)
+    if not d.main:
+        X, kept, _, _ = cached(False)
+    row = {uniq[i].path: r for r, i in enumerate(kept.tolist())}
+    for split in (feats.train, feats.database, feats.query):
+        split.blocks = torch.from_numpy(X[[row[s.path] for s in split.samples]])
+
+
+def finetune_last_block(encoder: HashEncoder, backbone: Backbone, train: Split, loss_fn, args,
+                        d: distributed.Dist, device: str) -> list[float]:
+    """Train the backbone's last block plus the head from the cached input of that block.
+
+    BatchNorm statistics stay frozen (the block runs in eval mode) and the block sees the unflipped
+    images the cache was made from; the head continues at a tenth of its learning rate.
+    """
+    tail, head = backbone.tail.to(device), encoder.head.to(device)
     encoder.requires_grad_(False)
     backbone.last_block.requires_grad_(True)
-    encoder.head.requires_grad_(True)
-    ds = ImageList(samples, backbone.spec, flip=True)
-    sampler = None
-    if d.enabled:
-        sampler = torch.utils.data.distributed.DistributedSampler(ds, num_replicas=d.world, rank=d.rank, seed=args.seed)
-    per_rank = max(2, args.batch_size // d.world // 4)  # images cost far more memory than features
-    loader = DataLoader(ds, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
-                        num_workers=num_workers(), collate_fn=collate,
-                        generator=torch.Generator().manual_seed(args.seed))
+    head.requires_grad_(True)
     params = [
         {"params": [p for p in backbone.last_block.parameters()], "lr": args.finetune_lr},
-        {"params": list(encoder.head.parameters()), "lr": args.lr * 0.1},
+        {"params": list(head.parameters()), "lr": args.lr * 0.1},
     ]
     opt = torch.optim.Adam(params, weight_decay=args.weight_decay)
+    X, L = train.blocks, train.L
+    steps = max(1, (len(X) + args.batch_size - 1) // args.batch_size)
+    gen = torch.Generator().manual_seed(args.seed)
     history = []
     from tqdm import tqdm
 
-    for epoch in range(args.finetune_epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        encoder.eval()  # frozen BN statistics and no dropout noise in the frozen trunk
-        encoder.head.train()
+    for epoch in tqdm(range(args.finetune_epochs), desc="finetune last block", unit="epoch",
+                      disable=args.no_progress or not d.main):
+        tail.eval()
+        head.train()
+        perm = torch.randperm(len(X), generator=gen)  # same on every rank (same seed)
         total, count = 0.0, 0
-        for idx, x, errs in tqdm(loader, desc=f"finetune {epoch + 1}/{args.finetune_epochs}",
-                                 disable=args.no_progress or not d.main):
-            if errs and not args.skip_bad:
-                raise BadInput(errs[0][1])
-            if len(idx) < 2:
+        for s in range(steps):
+            batch = perm[s * args.batch_size:(s + 1) * args.batch_size]
+            if len(batch) < 2:
                 continue
-            labels = torch.tensor([samples[i].label for i in idx])
-            x = x.to(device)
+            mine = batch[d.rank::d.world]
             # the loss applies its own activation, so train on the head's logits
-            h = encoder.head(encoder.backbone(encoder.normalize(x)))
-            loss = loss_fn.batch_loss(h, labels.to(device))
+            h = head(tail(X[mine].to(device).float()))
+            loss = loss_fn.batch_loss(h, L[mine].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if d.enabled:  # average gradients across ranks (what DDP does, without its unused-parameter rules)
-                for p in encoder.parameters():
+                for p in list(backbone.last_block.parameters()) + list(head.parameters()):
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
                         p.grad /= d.world
             opt.step()
             loss_fn.advance()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
+            total += float(loss.detach()) * len(mine)
+            count += len(mine)
         history.append(total / max(count, 1))
+    encoder.requires_grad_(False)
     return history
 
 
 @torch.no_grad()
-def encode_images(encoder: HashEncoder, samples, spec, device) -> np.ndarray:
-    """Full-encoder activations for images (after fine-tuning the cached features are stale)."""
-    from torch.utils.data import DataLoader
-
-    from train.features import ImageList, collate, num_workers
-
-    encoder.eval().to(device)
-    out = []
-    for _, x, errs in DataLoader(ImageList(samples, spec), batch_size=64, collate_fn=collate,
-                                   num_workers=num_workers()):
-        if errs:
-            raise BadInput(errs[0][1])
-        out.append(encoder(x.to(device)).float().cpu().numpy())
-    return np.concatenate(out)
+def tail_activations(encoder: HashEncoder, backbone: Backbone, blocks: torch.Tensor, device: str) -> np.ndarray:
+    """Activations of the fine-tuned model from cached last-block inputs (the pooled cache is stale now)."""
+    backbone.tail.eval()
+    encoder.eval()
+    out = [torch.tanh(encoder.head(backbone.tail(blocks[i:i + 256].to(device).float()))).cpu().numpy()
+           for i in range(0, len(blocks), 256)]
+    return np.concatenate(out) if out else np.zeros((0, encoder.head.bits), np.float32)
 
 
 # ----------------------------------------------------------------------------- main
@@ -341,10 +348,14 @@ def _run(args, d: distributed.Dist, device: str, t0: float) -> int:
     encoder = HashEncoder(backbone, head)
     ft_history = []
     if args.finetune == "last-block":
-        ft_history = finetune_last_block(encoder, backbone, feats.train.samples, loss_fn, args, d, device)
-    Zq, Zd = final_codes(encoder, feats, args.finetune == "last-block", device)
+        add_block_inputs(feats, backbone, args, d, device)
+        ft_history = finetune_last_block(encoder, backbone, feats.train, loss_fn, args, d, device)
+    t_ft = time.time() - t0 - t_feat - t_head  # block-input extraction (or its cache hit) included
+    Zq, Zd = final_codes(encoder, feats, backbone if args.finetune == "last-block" else None, device)
     metrics = evaluate_codes(Zq, Zd, feats.query.L.numpy(), feats.database.L.numpy())
     metrics["timing_s"] = {"features": round(t_feat, 2), "head": round(t_head, 2), "total": round(time.time() - t0, 2)}
+    if ft_history:
+        metrics["timing_s"]["finetune"] = round(t_ft, 2)
     metrics["feature_cache_hit"] = feats.cache_hit
     metrics["weights_sha"] = weights_digest(encoder)
     if d.enabled:  # lets a launcher (and our DDP test) confirm that every rank ended identical
@@ -381,6 +392,7 @@ class Split:
     samples: list[Sample]
     F: torch.Tensor
     L: torch.Tensor
+    blocks: torch.Tensor | None = None  # last-block inputs, float16, with --finetune last-block
 
 
 @dataclass
@@ -442,12 +454,13 @@ def method_record(loss_fn: HashLoss, setup: dict) -> dict:
 
 
 @torch.no_grad()
-def final_codes(encoder: HashEncoder, feats: Features, finetuned: bool, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Query and database activations of the trained model (from images once the backbone moved)."""
+def final_codes(encoder: HashEncoder, feats: Features, finetuned: Backbone | None,
+                device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Query and database activations of the trained model (through the last block once it moved)."""
     encoder.eval()
-    if finetuned:
-        return (encode_images(encoder, feats.query.samples, encoder.spec, device),
-                encode_images(encoder, feats.database.samples, encoder.spec, device))
+    if finetuned is not None:
+        return (tail_activations(encoder, finetuned, feats.query.blocks, device),
+                tail_activations(encoder, finetuned, feats.database.blocks, device))
     return torch.tanh(encoder.head(feats.query.F)).numpy(), torch.tanh(encoder.head(feats.database.F)).numpy()
 
 
@@ -456,6 +469,9 @@ def evaluate_codes(Zq: np.ndarray, Zd: np.ndarray, qL: np.ndarray, dL: np.ndarra
     metrics = evaluate(pack(Zq), pack(Zd), qL, dL)
     metrics["mAP@all(continuous)"] = mean_average_precision_cosine(Zq, Zd, qL, dL)
     metrics["mAP@10(continuous)"] = mean_average_precision_cosine(Zq, Zd, qL, dL, topk=10)
+    # what a server re-ranking the Hamming shortlist by the stored float16 activations answers
+    metrics["mAP@all(rerank)"] = rerank_map(pack(Zq), pack(Zd), Zq, Zd, qL, dL, topk=None)
+    metrics["mAP@10(rerank)"] = rerank_map(pack(Zq), pack(Zd), Zq, Zd, qL, dL, topk=10)
     return metrics
 
 

@@ -2,7 +2,8 @@
 
 One runner for all three: they differ only in the file. Device "cpu" uses the CPU execution
 provider; "cuda" the CUDA EP and "tensorrt" the TensorRT EP (each falling back to CPU for nodes
-it cannot take), when the installed onnxruntime build has them (onnxruntime-gpu).
+it cannot take), when the installed onnxruntime build has them (onnxruntime-gpu). A session
+whose accelerator provider failed to start is refused, never run on the CPU under a CUDA label.
 """
 from __future__ import annotations
 
@@ -42,6 +43,22 @@ def providers_for(device: str) -> list[str]:
     return [p for p in wanted if p in have]
 
 
+def check_providers_in_force(got: list[str], asked: list[str], device: str) -> None:
+    """Refuse a session that dropped the accelerator provider it was asked for.
+
+    ONNX Runtime registers a provider it cannot initialise (CUDA libraries missing, wrong CUDA
+    major, no driver) with only a log line and runs everything on the CPU, so a timing or parity
+    row labelled cuda would silently be a CPU result.
+    """
+    missing = [p for p in asked if p != "CPUExecutionProvider" and p not in got]
+    if missing:
+        raise Unavailable(
+            f"backend ort --device {device} | onnxruntime fell back to {', '.join(got) or 'nothing'}: "
+            f"{', '.join(missing)} did not initialise: install onnxruntime-gpu built for this CUDA "
+            "(with its cuDNN/CUDA libraries on the library path), or use --device cpu"
+        )
+
+
 class OrtEngine(Engine):
     """An onnxruntime.InferenceSession on one model file.
 
@@ -73,6 +90,7 @@ class OrtEngine(Engine):
             self.session = ort.InferenceSession(self.model_path, so, providers=providers, provider_options=opts)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BadInput(f"{self.model_path} | onnxruntime cannot load it ({type(e).__name__}: {e})") from None
+        check_providers_in_force(self.session.get_providers(), providers, self.device)
         inp = self.session.get_inputs()[0]
         if inp.type != "tensor(uint8)":
             raise BadInput(f"{self.model_path} | input {inp.name} is {inp.type}, expected uint8 images: re-export")

@@ -45,6 +45,10 @@ class TorchEngine(Engine):
             if not torch.cuda.is_available():
                 raise Unavailable("backend torch | --device cuda but no CUDA GPU is visible: use --device cpu")
             self.dev = torch.device(dev)
+            if self.dev.index is not None:
+                # graph capture and torch.cuda.Stream() without a device use the current device,
+                # which stays cuda:0 unless set: a cuda:1 graph would then capture on the wrong GPU
+                torch.cuda.set_device(self.dev)
             self.precision = self.options.get("precision", "fp16")
         elif dev == "cpu":
             self.dev = torch.device("cpu")
@@ -74,16 +78,18 @@ class TorchEngine(Engine):
         """Capture (once) a CUDA graph of the forward pass for batch size b."""
         torch = self.torch
         if b not in self._graphs:
-            static_in = torch.zeros((b, self.size, self.size, 3), dtype=torch.uint8, device=self.dev)
-            side = torch.cuda.Stream(self.dev)
-            side.wait_stream(torch.cuda.current_stream(self.dev))
-            with torch.cuda.stream(side):
-                for _ in range(3):  # warm up cuDNN autotuning outside the capture
-                    self._forward(static_in)
-            torch.cuda.current_stream(self.dev).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                static_out = self._forward(static_in)
+            # another engine in this process may have moved the current device since load()
+            with torch.cuda.device(self.dev):
+                static_in = torch.zeros((b, self.size, self.size, 3), dtype=torch.uint8, device=self.dev)
+                side = torch.cuda.Stream(self.dev)
+                side.wait_stream(torch.cuda.current_stream(self.dev))
+                with torch.cuda.stream(side):
+                    for _ in range(3):  # warm up cuDNN autotuning outside the capture
+                        self._forward(static_in)
+                torch.cuda.current_stream(self.dev).wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    static_out = self._forward(static_in)
             self._graphs[b] = (g, static_in, static_out)
         return self._graphs[b]
 

@@ -10,17 +10,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "k", "max_distance")
+    __slots__ = ("image", "k", "max_distance", "rerank_factor")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     MAX_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FACTOR_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     k: int
     max_distance: int
-    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., max_distance: _Optional[int] = ...) -> None: ...
+    rerank_factor: int
+    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., max_distance: _Optional[int] = ..., rerank_factor: _Optional[int] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "distance", "metadata")
+    __slots__ = ("id", "distance", "metadata", "score")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -31,10 +33,12 @@ class Hit(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     id: str
     distance: int
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., distance: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    score: float
+    def __init__(self, id: _Optional[str] = ..., distance: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., score: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "model_id")
@@ -210,7 +214,7 @@ class Limits(_message.Message):
     def __init__(self, max_k: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_batch_items: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_delay_us: _Optional[int] = ..., queue_size: _Optional[int] = ..., max_id_length: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model", "backend", "gallery", "versions", "limits")
+    __slots__ = ("model_id", "model", "backend", "gallery", "versions", "limits", "standby_model_id", "standby_role")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -224,10 +228,89 @@ class InfoResponse(_message.Message):
     GALLERY_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_ROLE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model: ModelSummary
     backend: str
     gallery: GalleryInfo
     versions: _containers.ScalarMap[str, str]
     limits: Limits
-    def __init__(self, model_id: _Optional[str] = ..., model: _Optional[_Union[ModelSummary, _Mapping]] = ..., backend: _Optional[str] = ..., gallery: _Optional[_Union[GalleryInfo, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    standby_model_id: str
+    standby_role: str
+    def __init__(self, model_id: _Optional[str] = ..., model: _Optional[_Union[ModelSummary, _Mapping]] = ..., backend: _Optional[str] = ..., gallery: _Optional[_Union[GalleryInfo, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., standby_model_id: _Optional[str] = ..., standby_role: _Optional[str] = ...) -> None: ...
+
+class LoadCandidateRequest(_message.Message):
+    __slots__ = ("exp", "gallery")
+    EXP_FIELD_NUMBER: _ClassVar[int]
+    GALLERY_FIELD_NUMBER: _ClassVar[int]
+    exp: str
+    gallery: str
+    def __init__(self, exp: _Optional[str] = ..., gallery: _Optional[str] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PairsStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListItemsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnloadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShadowReport(_message.Message):
+    __slots__ = ("compared", "dropped", "failed", "mean_overlap", "mean_rank_correlation", "fraction")
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    MEAN_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MEAN_RANK_CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    compared: int
+    dropped: int
+    failed: int
+    mean_overlap: float
+    mean_rank_correlation: float
+    fraction: float
+    def __init__(self, compared: _Optional[int] = ..., dropped: _Optional[int] = ..., failed: _Optional[int] = ..., mean_overlap: _Optional[float] = ..., mean_rank_correlation: _Optional[float] = ..., fraction: _Optional[float] = ...) -> None: ...
+
+class PairsStatus(_message.Message):
+    __slots__ = ("live_model_id", "live_gallery", "standby_model_id", "standby_gallery", "standby_role", "shadow")
+    LIVE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    LIVE_GALLERY_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_GALLERY_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_ROLE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    live_model_id: str
+    live_gallery: str
+    standby_model_id: str
+    standby_gallery: str
+    standby_role: str
+    shadow: ShadowReport
+    def __init__(self, live_model_id: _Optional[str] = ..., live_gallery: _Optional[str] = ..., standby_model_id: _Optional[str] = ..., standby_gallery: _Optional[str] = ..., standby_role: _Optional[str] = ..., shadow: _Optional[_Union[ShadowReport, _Mapping]] = ...) -> None: ...
+
+class GalleryItem(_message.Message):
+    __slots__ = ("id", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...

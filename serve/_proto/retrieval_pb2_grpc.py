@@ -320,3 +320,303 @@ class Retrieval:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Model rollover, enabled by `hashret serve --admin-token-file`: every call needs
+    `authorization: Bearer <admin token>` (a different token from the write token).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadCandidate = channel.unary_unary(
+                '/hashret.v1.Admin/LoadCandidate',
+                request_serializer=hashret_dot_v1_dot_retrieval__pb2.LoadCandidateRequest.SerializeToString,
+                response_deserializer=hashret_dot_v1_dot_retrieval__pb2.PairsStatus.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/hashret.v1.Admin/Promote',
+                request_serializer=hashret_dot_v1_dot_retrieval__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=hashret_dot_v1_dot_retrieval__pb2.PairsStatus.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/hashret.v1.Admin/Rollback',
+                request_serializer=hashret_dot_v1_dot_retrieval__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=hashret_dot_v1_dot_retrieval__pb2.PairsStatus.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/hashret.v1.Admin/Status',
+                request_serializer=hashret_dot_v1_dot_retrieval__pb2.PairsStatusRequest.SerializeToString,
+                response_deserializer=hashret_dot_v1_dot_retrieval__pb2.PairsStatus.FromString,
+                _registered_method=True)
+        self.ListItems = channel.unary_stream(
+                '/hashret.v1.Admin/ListItems',
+                request_serializer=hashret_dot_v1_dot_retrieval__pb2.ListItemsRequest.SerializeToString,
+                response_deserializer=hashret_dot_v1_dot_retrieval__pb2.GalleryItem.FromString,
+                _registered_method=True)
+        self.Unload = channel.unary_unary(
+                '/hashret.v1.Admin/Unload',
+                request_serializer=hashret_dot_v1_dot_retrieval__pb2.UnloadRequest.SerializeToString,
+                response_deserializer=hashret_dot_v1_dot_retrieval__pb2.PairsStatus.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Model rollover, enabled by `hashret serve --admin-token-file`: every call needs
+    `authorization: Bearer <admin token>` (a different token from the write token).
+    """
+
+    def LoadCandidate(self, request, context):
+        """Open and warm an EXP + GAL pair beside the live one (replaces a loaded standby pair).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """Make the candidate live atomically; the old live pair stays loaded for Rollback.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Make the previous pair live again (while it is still loaded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Live and standby model ids, and the shadow comparison so far (waits up to 5 s for queued
+        comparisons to finish, so a report right after traffic counts them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListItems(self, request, context):
+        """The live gallery's ids and metadata (to rebuild it with another model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unload(self, request, context):
+        """Close and drop the standby pair (candidate or previous) and free its memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadCandidate': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadCandidate,
+                    request_deserializer=hashret_dot_v1_dot_retrieval__pb2.LoadCandidateRequest.FromString,
+                    response_serializer=hashret_dot_v1_dot_retrieval__pb2.PairsStatus.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=hashret_dot_v1_dot_retrieval__pb2.PromoteRequest.FromString,
+                    response_serializer=hashret_dot_v1_dot_retrieval__pb2.PairsStatus.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=hashret_dot_v1_dot_retrieval__pb2.RollbackRequest.FromString,
+                    response_serializer=hashret_dot_v1_dot_retrieval__pb2.PairsStatus.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=hashret_dot_v1_dot_retrieval__pb2.PairsStatusRequest.FromString,
+                    response_serializer=hashret_dot_v1_dot_retrieval__pb2.PairsStatus.SerializeToString,
+            ),
+            'ListItems': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListItems,
+                    request_deserializer=hashret_dot_v1_dot_retrieval__pb2.ListItemsRequest.FromString,
+                    response_serializer=hashret_dot_v1_dot_retrieval__pb2.GalleryItem.SerializeToString,
+            ),
+            'Unload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unload,
+                    request_deserializer=hashret_dot_v1_dot_retrieval__pb2.UnloadRequest.FromString,
+                    response_serializer=hashret_dot_v1_dot_retrieval__pb2.PairsStatus.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'hashret.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('hashret.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Model rollover, enabled by `hashret serve --admin-token-file`: every call needs
+    `authorization: Bearer <admin token>` (a different token from the write token).
+    """
+
+    @staticmethod
+    def LoadCandidate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hashret.v1.Admin/LoadCandidate',
+            hashret_dot_v1_dot_retrieval__pb2.LoadCandidateRequest.SerializeToString,
+            hashret_dot_v1_dot_retrieval__pb2.PairsStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hashret.v1.Admin/Promote',
+            hashret_dot_v1_dot_retrieval__pb2.PromoteRequest.SerializeToString,
+            hashret_dot_v1_dot_retrieval__pb2.PairsStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hashret.v1.Admin/Rollback',
+            hashret_dot_v1_dot_retrieval__pb2.RollbackRequest.SerializeToString,
+            hashret_dot_v1_dot_retrieval__pb2.PairsStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hashret.v1.Admin/Status',
+            hashret_dot_v1_dot_retrieval__pb2.PairsStatusRequest.SerializeToString,
+            hashret_dot_v1_dot_retrieval__pb2.PairsStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hashret.v1.Admin/ListItems',
+            hashret_dot_v1_dot_retrieval__pb2.ListItemsRequest.SerializeToString,
+            hashret_dot_v1_dot_retrieval__pb2.GalleryItem.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hashret.v1.Admin/Unload',
+            hashret_dot_v1_dot_retrieval__pb2.UnloadRequest.SerializeToString,
+            hashret_dot_v1_dot_retrieval__pb2.PairsStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

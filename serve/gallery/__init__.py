@@ -13,6 +13,7 @@ the naming convention keeps helpers in this package from being mistaken for kind
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pkgutil
 from pathlib import Path
@@ -32,6 +33,8 @@ from serve.gallery.base import (
 )
 
 SCHEMA_VERSION = KINDS[GALLERY].version
+
+log = logging.getLogger("hashret.gallery")
 
 __all__ = [
     "INDEX_KINDS",
@@ -57,10 +60,17 @@ def create_gallery(
 
     Options depend on the kind: faiss-hnsw takes `M`, `ef_construction`, `ef_search`;
     milvus takes `uri` (default GAL/milvus.db, embedded Milvus Lite), `collection`,
-    `index_type` ("BIN_FLAT" or "BIN_IVF_FLAT"), `nlist`, `nprobe`.
+    `index_type` ("BIN_FLAT" or "BIN_IVF_FLAT"), `nlist`, `nprobe`. `activations` (default
+    True): keep each item's float16 activations for re-ranking, on kinds that can
+    (`Gallery.ACTIVATIONS`); a kind that cannot ignores it and its searches are not re-ranked.
     """
     path = Path(path)
     cls = INDEX_KINDS.get(kind)
+    activations = options.pop("activations", True)
+    if not isinstance(activations, bool):
+        raise BadInput(f"gallery option activations={activations!r} | must be True or False")
+    if activations and cls.ACTIVATIONS:
+        options["activations"] = True
     bits = check_bits(bits)
     if not isinstance(model_sha256, str) or not model_sha256:
         raise BadInput(f"model_sha256 {model_sha256!r} | must be the model's sha256 hex string")
@@ -97,7 +107,14 @@ def open_gallery(
             f"gallery {path} | index kind {kind!r} is not known here (known: {', '.join(INDEX_KINDS.names())}): "
             f"install the module that registers it, or {REBUILD}"
         )
-    return INDEX_KINDS.get(kind).open(path, manifest)
+    gallery = INDEX_KINDS.get(kind).open(path, manifest)
+    if not gallery.has_activations:
+        log.info(
+            "gallery %s | stores no activations (built before re-ranking existed, with --no-activations, "
+            "or kind %s keeps none): searches are not re-ranked; rebuild with hashret index build to turn "
+            "re-ranking on", path, kind,
+        )
+    return gallery
 
 
 def open_gallery_for_export(

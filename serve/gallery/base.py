@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -23,6 +23,7 @@ import numpy as np
 
 from hashret.errors import BadInput, NotFound
 from hashret.manifest import GALLERY, KINDS, new_manifest
+from hashret.metrics import rerank_order, rerank_size
 from hashret.registry import Registry
 
 REBUILD = KINDS[GALLERY].fix
@@ -43,11 +44,16 @@ def index_kind(name: str) -> Callable[[type[Gallery]], type[Gallery]]:
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: the item's id, its Hamming distance to the query, its metadata."""
+    """One search result: the item's id, its Hamming distance to the query, its metadata.
+
+    `score` is the cosine between the query's and the item's activations when the search was
+    re-ranked, None otherwise (and NaN for an item stored without activations).
+    """
 
     id: str
     distance: int
     metadata: dict[str, str] = field(default_factory=dict)
+    score: float | None = None
 
 
 def short_sha(sha: str) -> str:
@@ -64,6 +70,14 @@ class Gallery(abc.ABC):
 
     Results are sorted by distance; ties go to the item inserted first (an upsert that
     replaces an id keeps its original place), so every kind returns the same list.
+
+    A kind with `ACTIVATIONS = True` can also keep each item's tanh activations (float16, one
+    row of `bits` values) next to its code, when the gallery was created with them (manifest
+    `index.activations`, the default of `hashret index build`). A search given the query's
+    activations and a re-rank factor then takes the Hamming top-R, R = max(k * factor, k), and
+    orders it by cosine (hashret.metrics.rerank_order, the rule offline evaluation uses too).
+    An item written without activations (an upsert by code) is ranked right after the items
+    with activations at the same or a smaller distance.
     """
 
     kind: str = ""  # set by @index_kind
@@ -72,6 +86,9 @@ class Gallery(abc.ABC):
     #: `hashret index build` flags that set this kind's options: flag -> (option, argparse kwargs).
     #: Giving one with another --kind is refused, so a flag never silently does nothing.
     CLI_OPTIONS: ClassVar[dict[str, tuple[str, dict[str, Any]]]] = {}
+    #: whether this kind can store activations for re-ranking (its create takes option
+    #: "activations", its _upsert keyword `activations`, and it implements _activations_of)
+    ACTIVATIONS: ClassVar[bool] = False
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self._path = Path(path)
@@ -110,6 +127,11 @@ class Gallery(abc.ABC):
         return self._path
 
     @property
+    def has_activations(self) -> bool:
+        """Whether items carry float16 activations, so searches can be re-ranked."""
+        return bool(self.ACTIVATIONS and self._manifest["index"].get("activations"))
+
+    @property
     def manifest(self) -> dict[str, Any]:
         return dict(self._manifest)
 
@@ -133,19 +155,34 @@ class Gallery(abc.ABC):
 
     # ---- public operations --------------------------------------------------------------
     def upsert(
-        self, ids: Sequence[str], codes: np.ndarray, metadata: Sequence[dict] | None = None
+        self,
+        ids: Sequence[str],
+        codes: np.ndarray,
+        metadata: Sequence[dict] | None = None,
+        activations: np.ndarray | None = None,
     ) -> None:
-        """Add items, replacing any id already present; durable when this returns."""
+        """Add items, replacing any id already present; durable when this returns.
+
+        `activations` float [N, bits]: each item's tanh outputs, kept (as float16) when the
+        gallery stores them; a row of NaN marks an item that has none. Defaults to none.
+        """
         ids = self._check_ids(ids, "upsert")
         codes = self._check_codes(codes, "codes")
         if len(codes) != len(ids):
             raise BadInput(f"upsert | {len(ids)} ids but {len(codes)} codes: pass one code per id")
         metadata = self._check_metadata(metadata, len(ids))
+        if activations is not None:
+            activations = self._check_activations(activations, len(ids), "upsert activations", allow_nan=True)
         if not ids:
             return
         with self._lock:
             self._check_open()
-            self._upsert(ids, codes, metadata)
+            if self.has_activations:
+                if activations is None:
+                    activations = np.full((len(ids), self._bits), np.nan, np.float16)
+                self._upsert(ids, codes, metadata, activations=activations.astype(np.float16))
+            else:
+                self._upsert(ids, codes, metadata)
 
     def delete(self, ids: Sequence[str]) -> int:
         """Remove items; all-or-nothing: an unknown id raises NotFound and nothing is deleted."""
@@ -165,10 +202,26 @@ class Gallery(abc.ABC):
             return len(ids)
 
     def search(
-        self, queries: np.ndarray, k: int, max_distance: int | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        max_distance: int | None = None,
+        activations: np.ndarray | None = None,
+        rerank_factor: int = 0,
     ) -> list[list[Hit]]:
-        """The k nearest items per query row, by Hamming distance, at most `max_distance` away."""
+        """The k nearest items per query row, by Hamming distance, at most `max_distance` away.
+
+        With the queries' `activations` (float [Q, bits]) and `rerank_factor` > 0, on a gallery
+        that stores activations, the Hamming top-R (R = max(k * factor, k)) within
+        `max_distance` is re-ordered by cosine and cut to k; hits then carry `score`. Otherwise
+        (factor 0, the default) it is the plain Hamming ranking.
+        """
         queries = self._check_codes(queries, "queries")
+        if isinstance(rerank_factor, bool) or not isinstance(rerank_factor, (int, np.integer)) or rerank_factor < 0:
+            raise BadInput(f"rerank_factor {rerank_factor!r} | must be an integer >= 0 (0 turns re-ranking off)")
+        rerank = activations is not None and rerank_factor > 0 and self.has_activations
+        if rerank:
+            activations = self._check_activations(activations, len(queries), "query activations", allow_nan=False)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise BadInput(f"k {k!r} | must be an integer >= 1")
         if max_distance is not None and (
@@ -181,13 +234,31 @@ class Gallery(abc.ABC):
             self._check_open()
             if len(queries) == 0 or self._size() == 0:
                 return [[] for _ in range(len(queries))]
-            results = self._search(queries, int(k))
+            if not rerank:
+                results = self._search(queries, int(k))
+            else:
+                results = self._search(queries, rerank_size(int(k), int(rerank_factor), self._size()))
+                stored = self._activations_of(results)
         if max_distance is not None:
-            results = [[h for h in hits if h.distance <= max_distance] for hits in results]
-        return results
+            keep = [[h.distance <= max_distance for h in hits] for hits in results]
+            results = [[h for h, m in zip(hits, ms) if m] for hits, ms in zip(results, keep)]
+            if rerank:
+                stored = [Z[np.asarray(ms, bool)] if len(ms) else Z for Z, ms in zip(stored, keep)]
+        if not rerank:
+            return results
+        out = []
+        for hits, qz, Z in zip(results, activations, stored):
+            order, scores = rerank_order([h.distance for h in hits], qz, Z)
+            out.append([replace(hits[o], score=float(sc)) for o, sc in zip(order[:k], scores[:k])])
+        return out
 
     def search_nowait(
-        self, queries: np.ndarray, k: int, max_distance: int | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        max_distance: int | None = None,
+        activations: np.ndarray | None = None,
+        rerank_factor: int = 0,
     ) -> list[list[Hit]] | None:
         """`search` when it can answer right away, else None (then call `search` from a thread).
 
@@ -199,9 +270,10 @@ class Gallery(abc.ABC):
             return None
         try:
             n = len(queries) if getattr(queries, "ndim", 2) > 1 else 1
-            if self._closed or not self._cheap(n, int(k)):
+            width = int(k) * max(1, int(rerank_factor)) if activations is not None else int(k)
+            if self._closed or not self._cheap(n, width):
                 return None
-            return self.search(queries, k, max_distance)
+            return self.search(queries, k, max_distance, activations, rerank_factor)
         finally:
             self._lock.release()
 
@@ -213,6 +285,19 @@ class Gallery(abc.ABC):
         if found is None:
             raise NotFound(f"gallery {self._path} | id {id!r} not found")
         return found
+
+    def stored_activations(self, ids: Sequence[str] | None = None) -> np.ndarray:
+        """float16 [len(ids), bits] activations of `ids` (default: all, in insertion order); NaN rows
+        for items stored without. BadInput on a gallery that keeps none; NotFound for an unknown id."""
+        with self._lock:
+            self._check_open()
+            if not self.has_activations:
+                raise BadInput(f"gallery {self._path} | keeps no activations: rebuild it with hashret index build")
+            ids = self._ids() if ids is None else list(ids)
+            missing = self._missing(ids)
+            if missing:
+                raise NotFound(f"gallery {self._path} | id {missing[0]!r} not found")
+            return self._activations_of([[Hit(i, 0) for i in ids]])[0]
 
     def ids(self) -> list[str]:
         """All ids in insertion order."""
@@ -278,6 +363,24 @@ class Gallery(abc.ABC):
             )
         return np.ascontiguousarray(codes)
 
+    def _check_activations(self, Z: Any, n: int, what: str, allow_nan: bool) -> np.ndarray:
+        if not isinstance(Z, np.ndarray) or Z.ndim != 2 or not np.issubdtype(Z.dtype, np.floating):
+            got = f"{Z.dtype}{list(Z.shape)}" if isinstance(Z, np.ndarray) else type(Z).__name__
+            raise BadInput(f"{what} | expected float[N, {self._bits}] (the model's tanh outputs), got {got}")
+        if Z.shape != (n, self._bits):
+            raise BadInput(
+                f"{what} | shape {list(Z.shape)}, expected [{n}, {self._bits}]: one row of {self._bits} "
+                f"activations per code, from the gallery's model"
+            )
+        nan = np.isnan(Z)
+        rows = nan.any(axis=1)
+        if np.isinf(Z).any() or (~nan[rows]).any() or (rows.any() and not allow_nan):
+            raise BadInput(
+                f"{what} | holds inf or partly-NaN rows: pass finite model outputs"
+                + (", or a whole row of NaN for an item without them" if allow_nan else "")
+            )
+        return Z
+
     @staticmethod
     def _check_metadata(metadata: Sequence[dict] | None, n: int) -> list[dict[str, str]]:
         if metadata is None:
@@ -315,6 +418,10 @@ class Gallery(abc.ABC):
 
     @abc.abstractmethod
     def _search(self, queries: np.ndarray, k: int) -> list[list[Hit]]: ...
+
+    def _activations_of(self, results: list[list[Hit]]) -> list[np.ndarray]:
+        """Stored activations (float16 [len(hits), bits], NaN rows for none) of each hit list."""
+        raise NotImplementedError(f"index kind {self.kind!r} stores no activations")
 
     @abc.abstractmethod
     def _get(self, id: str) -> tuple[np.ndarray, dict[str, str]] | None: ...

@@ -4,11 +4,14 @@ The codes, ids and metadata live in memory (numpy + lists, in insertion order); 
 index is derived from them and rebuilt lazily after a replace or delete (HNSW cannot
 remove nodes). Durability comes from two pieces:
 
-* a snapshot — `snapshot-<gen>.codes.npy`, `snapshot-<gen>.items.jsonl` (and for HNSW the
-  serialized graph `snapshot-<gen>.index.faiss`) — each written atomically, their sha256s
-  recorded in manifest.json together with the last WAL sequence number they contain;
+* a snapshot — `snapshot-<gen>.codes.npy`, `snapshot-<gen>.items.jsonl`, for a gallery that
+  keeps activations `snapshot-<gen>.activations.npy` (float16 [N, bits], a NaN row for an item
+  upserted by code), and for HNSW the serialized graph `snapshot-<gen>.index.faiss` — each
+  written atomically, their sha256s recorded in manifest.json together with the last WAL
+  sequence number they contain;
 * `wal.jsonl`, an append-only log: every acknowledged upsert/delete is one line carrying
-  its own CRC32, fsynced before the call returns.
+  its own CRC32, fsynced before the call returns (an upsert's activations, when the gallery
+  keeps them, ride in the same line as base64 float16).
 
 Opening refuses damage (ArtifactMismatch / MissingArtifact, exit code 2) and never repairs it by
 deleting: each snapshot file must match its sha256, the manifest its checksum (which seals
@@ -47,13 +50,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from hashret.errors import ArtifactMismatch, BadInput, MissingArtifact, Unavailable
 from hashret.fsutil import atomic_write, fsync_dir, write_bytes_atomic
 from hashret.manifest import gallery_checksum, now_iso, write_manifest
 from serve.gallery.base import REBUILD, Gallery, Hit, index_kind, new_gallery_manifest, short_sha
+
+try:
+    import faiss
+except ImportError:  # a host without faiss (e.g. a stock GPU image) still serves the other index kinds
+    class _NoFaiss:
+        def __getattr__(self, name):
+            raise Unavailable("index kinds faiss-flat/faiss-hnsw | faiss is not installed: "
+                              "pip install faiss-cpu, or choose another --kind")
+
+    faiss = _NoFaiss()
 
 log = logging.getLogger("hashret.gallery")
 
@@ -66,10 +78,12 @@ CRASH_ENV = "HASHRET_SNAPSHOT_CRASH_AT"
 #: where the test hook can kill a snapshot: "writing-*" die with the temp file written but not
 #: yet renamed into place, "after-*" right after that step became durable
 CRASH_STEPS = (
-    "before-start", "writing-codes", "after-codes", "writing-items", "after-items", "writing-index",
-    "after-index", "after-manifest", "writing-wal", "after-wal", "after-cleanup",
+    "before-start", "writing-codes", "after-codes", "writing-items", "after-items", "writing-activations",
+    "after-activations", "writing-index", "after-index", "after-manifest", "writing-wal", "after-wal",
+    "after-cleanup",
 )
-_FILE_STEP = {".codes.npy": "codes", ".items.jsonl": "items", ".index.faiss": "index"}
+_FILE_STEP = {".codes.npy": "codes", ".items.jsonl": "items", ".activations.npy": "activations",
+              ".index.faiss": "index"}
 _CHUNK_ITEMS = 1024  # items per piece of the items file (about 3 ms of encoding), GIL handed over between
 _CHUNK_BYTES = 8 << 20  # bytes per piece of the HNSW graph
 
@@ -284,6 +298,7 @@ class _Frozen:
     codes: np.ndarray
     ids: list[str]
     meta: list[dict[str, str]]
+    acts: np.ndarray | None = None  # float16 [n, bits] when the gallery keeps activations
     index: Any = None  # kind-specific (HNSW: the serialized graph, when it was current)
     built: Any = None  # an index built from this copy outside the lock, offered back to the gallery
 
@@ -292,11 +307,15 @@ class FaissGallery(Gallery):
     """Shared machinery of both FAISS kinds; subclasses only build the index."""
 
     OPTIONS: dict[str, tuple[int, int, int]] = {}  # name -> (default, min, max)
+    ACTIVATIONS = True
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
         super().__init__(path, manifest)
         self._opts = {k: int(manifest["index"].get(k, d)) for k, (d, _, _) in self.OPTIONS.items()}
         self._buf = np.zeros((0, self.nbytes), np.uint8)  # capacity >= n; rows [:n] are live
+        # float16 activations, same capacity and rows as _buf; kept only when has_activations
+        self._zbuf = np.zeros((0, self._bits), np.float16)
+        self._replay_acts: np.ndarray | None = None  # the activations of the WAL record being parsed
         self._n = 0
         self._ids_list: list[str] = []
         self._meta: list[dict[str, str]] = []
@@ -320,6 +339,8 @@ class FaissGallery(Gallery):
     # ---- create / open --------------------------------------------------------------------
     @classmethod
     def _check_options(cls, options: dict[str, Any]) -> dict[str, int]:
+        options = dict(options)
+        activations = options.pop("activations", False)
         unknown = sorted(set(options) - set(cls.OPTIONS))
         if unknown:
             allowed = ", ".join(cls.OPTIONS) or "none"
@@ -330,6 +351,8 @@ class FaissGallery(Gallery):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
                 raise BadInput(f"index option {name}={v!r} | must be an integer in [{lo}, {hi}]")
             out[name] = int(v)
+        if activations:
+            out["activations"] = True
         return out
 
     @classmethod
@@ -396,7 +419,9 @@ class FaissGallery(Gallery):
                 f"{RESTORE}"
             ) from None
         codes_name, items_name, index_name = self._names(gen)
-        lacking = [n for n in (codes_name, items_name) if n not in files]
+        acts_name = self._acts_name(gen)
+        needed = (codes_name, items_name) + ((acts_name,) if self.has_activations else ())
+        lacking = [n for n in needed if n not in files]
         if lacking:
             raise ArtifactMismatch(f"gallery manifest {mpath} | generation {gen} lists no {lacking[0]}: {RESTORE}")
         data = {}
@@ -435,6 +460,19 @@ class FaissGallery(Gallery):
                 f"gallery snapshot {self._path / items_name} | holds {len(items)} items, manifest {mpath} "
                 f"says {size}: {RESTORE}"
             )
+        if self.has_activations:
+            try:
+                acts = np.load(io.BytesIO(data[acts_name]), allow_pickle=False)
+            except ValueError as e:
+                raise ArtifactMismatch(
+                    f"gallery snapshot {self._path / acts_name} | unreadable ({e}): {RESTORE}"
+                ) from None
+            if acts.dtype != np.float16 or acts.shape != (len(items), self._bits):
+                raise ArtifactMismatch(
+                    f"gallery snapshot {self._path / acts_name} | holds {acts.dtype}{list(acts.shape)}, "
+                    f"expected float16[{len(items)}, {self._bits}]: {RESTORE}"
+                )
+            self._zbuf = np.array(acts)
         self._buf, self._n = np.ascontiguousarray(codes), len(items)
         self._ids_list = ids
         self._meta = [dict(m) for m in meta]
@@ -521,7 +559,12 @@ class FaissGallery(Gallery):
             )
 
     def _parse_record(self, rec: dict[str, Any]) -> tuple[str, list[str], np.ndarray | None, list | None]:
-        """(op, ids, codes, metadata) of one WAL record, checked as strictly as the call that wrote it."""
+        """(op, ids, codes, metadata) of one WAL record, checked as strictly as the call that wrote it.
+
+        An upsert's activations, when the record has them, are kept for `_apply` in
+        `self._replay_acts` (the return shape stays that of every other record).
+        """
+        self._replay_acts = None
         op, ids = rec.get("op"), rec["ids"]
         if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids) or len(set(ids)) != len(ids):
             raise ValueError("ids must be distinct non-empty strings")
@@ -536,11 +579,16 @@ class FaissGallery(Gallery):
         if not all(isinstance(m, dict) and all(isinstance(a, str) and isinstance(b, str) for a, b in m.items())
                    for m in meta):
             raise ValueError("metadata must be str -> str")
+        if "acts" in rec:
+            araw = base64.b64decode(rec["acts"], validate=True)
+            if len(araw) != len(ids) * self._bits * 2:
+                raise ValueError(f"{len(ids)} ids, {len(araw)} activation bytes")
+            self._replay_acts = np.frombuffer(araw, np.float16).reshape(-1, self._bits)
         return op, ids, np.frombuffer(raw, np.uint8).reshape(-1, self.nbytes), meta
 
     def _apply(self, op: str, ids: list[str], codes: np.ndarray | None, meta: list | None) -> None:
         if op == "upsert":
-            self._apply_upsert(ids, codes, meta)
+            self._apply_upsert(ids, codes, meta, getattr(self, "_replay_acts", None))
             return
         missing = [i for i in ids if i not in self._pos]
         if missing:  # Gallery.delete refuses unknown ids before logging, so replay must find them
@@ -552,23 +600,37 @@ class FaissGallery(Gallery):
     def _codes(self) -> np.ndarray:
         return self._buf[: self._n]
 
-    def _apply_upsert(self, ids: list[str], codes: np.ndarray, meta: list[dict[str, str]]) -> None:
+    def _apply_upsert(
+        self, ids: list[str], codes: np.ndarray, meta: list[dict[str, str]], acts: np.ndarray | None = None
+    ) -> None:
+        keep_acts = self.has_activations
+        if keep_acts and acts is None:  # written by code (or logged before activations): none
+            acts = np.full((len(ids), self._bits), np.nan, np.float16)
         new_rows = [r for r, i in enumerate(ids) if i not in self._pos]
         for r, i in enumerate(ids):
             p = self._pos.get(i)
             if p is not None:  # replace in place: keeps its insertion order for ties
                 self._buf[p] = codes[r]
                 self._meta[p] = meta[r]
+                if keep_acts:
+                    self._zbuf[p] = acts[r]
                 self._index = None
         if not new_rows:
             return
         need = self._n + len(new_rows)
         if need > len(self._buf):  # amortized growth, so streaming upserts stay O(1) each
-            grown = np.zeros((max(need, 2 * len(self._buf), 1024), self.nbytes), np.uint8)
+            cap = max(need, 2 * len(self._buf), 1024)
+            grown = np.zeros((cap, self.nbytes), np.uint8)
             grown[: self._n] = self._codes
             self._buf = grown
+            if keep_acts:
+                zgrown = np.full((cap, self._bits), np.nan, np.float16)
+                zgrown[: self._n] = self._zbuf[: self._n]
+                self._zbuf = zgrown
         added = codes[new_rows]
         self._buf[self._n : need] = added
+        if keep_acts:
+            self._zbuf[self._n : need] = acts[new_rows]
         for r in new_rows:
             self._pos[ids[r]] = len(self._ids_list)
             self._ids_list.append(ids[r])
@@ -583,6 +645,8 @@ class FaissGallery(Gallery):
         keep = np.ones(self._n, bool)
         keep[[self._pos[i] for i in ids]] = False
         self._buf = np.ascontiguousarray(self._codes[keep])
+        if self.has_activations:
+            self._zbuf = np.ascontiguousarray(self._zbuf[: self._n][keep])
         self._n = len(self._buf)
         self._ids_list = [i for i, k in zip(self._ids_list, keep) if k]
         self._meta = [m for m, k in zip(self._meta, keep) if k]
@@ -601,13 +665,14 @@ class FaissGallery(Gallery):
     def _size(self) -> int:
         return self._n
 
-    def _upsert(self, ids, codes, metadata) -> None:
-        self._wal.append(
-            {"seq": self._seq + 1, "op": "upsert", "ids": ids,
-             "codes": base64.b64encode(codes.tobytes()).decode(), "meta": metadata}
-        )
+    def _upsert(self, ids, codes, metadata, activations=None) -> None:
+        rec = {"seq": self._seq + 1, "op": "upsert", "ids": ids,
+               "codes": base64.b64encode(codes.tobytes()).decode(), "meta": metadata}
+        if activations is not None and not np.isnan(activations).all():
+            rec["acts"] = base64.b64encode(np.ascontiguousarray(activations, np.float16).tobytes()).decode()
+        self._wal.append(rec)
         self._seq += 1
-        self._apply_upsert(ids, codes, metadata)
+        self._apply_upsert(ids, codes, metadata, activations)
 
     def _missing(self, ids):
         return [i for i in ids if i not in self._pos]
@@ -635,6 +700,10 @@ class FaissGallery(Gallery):
     def _cheap_index(self, n_queries: int, k: int) -> bool:
         return False
 
+    def _activations_of(self, results):
+        return [self._zbuf[[self._pos[h.id] for h in hits]] if hits else np.zeros((0, self._bits), np.float16)
+                for hits in results]
+
     def _get(self, id):
         p = self._pos.get(id)
         return None if p is None else (self._buf[p].copy(), dict(self._meta[p]))
@@ -645,6 +714,9 @@ class FaissGallery(Gallery):
     def _names(self, gen: int) -> tuple[str, str, str]:
         stem = f"snapshot-{gen:06d}"
         return f"{stem}.codes.npy", f"{stem}.items.jsonl", f"{stem}.index.faiss"
+
+    def _acts_name(self, gen: int) -> str:
+        return f"snapshot-{gen:06d}.activations.npy"
 
     # ---- snapshots ------------------------------------------------------------------------
     def _freeze(self) -> "_Frozen":
@@ -657,6 +729,7 @@ class FaissGallery(Gallery):
         return _Frozen(
             gen=int(self._manifest["snapshot"]["generation"]) + 1, seq=self._seq, wal_offset=self._wal.size,
             codes=self._buf[:n].copy(), ids=self._ids_list[:], meta=self._meta[:], index=self._freeze_index(),
+            acts=self._zbuf[:n].copy() if self.has_activations else None,
         )
 
     def _freeze_index(self) -> Any:
@@ -684,7 +757,12 @@ class FaissGallery(Gallery):
             # Hand the GIL over now: a waiting search or write would otherwise get it only at the
             # next forced switch (5 ms), once per GIL acquisition it makes.
             time.sleep(0)
-        return {codes_name: [bio.getvalue()], items_name: items}
+        blobs = {codes_name: [bio.getvalue()], items_name: items}
+        if frozen.acts is not None:
+            abio = io.BytesIO()
+            np.save(abio, frozen.acts, allow_pickle=False)
+            blobs[self._acts_name(frozen.gen)] = [abio.getvalue()]
+        return blobs
 
     def _write_snapshot_file(self, name: str, chunks: list) -> str:
         step = next(s for suffix, s in _FILE_STEP.items() if name.endswith(suffix))

@@ -7,7 +7,11 @@ are relative to the gallery folder, so the folder can be moved as a whole.
 
 Collection schema: `id` VARCHAR primary key, `code` BINARY_VECTOR(dim=bits) holding the
 np.packbits bytes unchanged, `meta` JSON, `seq` INT64 (first-insertion order, used to break
-distance ties the same way FAISS does). Metric HAMMING, index BIN_FLAT (exact, default) or
+distance ties the same way FAISS does), and for a gallery that keeps activations `z`
+FLOAT16_VECTOR(dim=bits) (a NaN vector for an item upserted by code; its FLAT/COSINE index exists
+only because Milvus loads no collection with an unindexed vector field: searches never use it,
+the re-ranking fetches `z` of the Hamming shortlist by id, since Milvus Lite 2.5 returns empty
+FLOAT16 vectors from a search on another field). Metric HAMMING, index BIN_FLAT (exact, default) or
 BIN_IVF_FLAT (options nlist, nprobe). Milvus persists writes itself (Milvus Lite too, even
 without a flush), so there is no snapshot; save() flushes and records the size. The manifest's
 checksum seals what it says (bits, model, uri, collection, index type); the collection's own
@@ -97,6 +101,7 @@ class MilvusGallery(Gallery):
     """Milvus or embedded Milvus Lite: the gallery lives in a collection, GAL/ holds the manifest."""
 
     summary = "Milvus collection (embedded Milvus Lite by default, or a cluster)"
+    ACTIVATIONS = True
     CLI_OPTIONS = {
         "--milvus-uri": ("uri", {
             "default": None,
@@ -131,7 +136,7 @@ class MilvusGallery(Gallery):
 
     @classmethod
     def create(cls, path: Path, bits: int, model_sha256: str, options: dict[str, Any]) -> "MilvusGallery":
-        allowed = {"uri", "collection", "index_type", "nlist", "nprobe"}
+        allowed = {"uri", "collection", "index_type", "nlist", "nprobe", "activations"}
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise BadInput(f"index kind 'milvus' | unknown option(s) {', '.join(unknown)}: allowed {', '.join(sorted(allowed))}")
@@ -149,6 +154,8 @@ class MilvusGallery(Gallery):
         if index_type not in INDEX_TYPES:
             raise BadInput(f"milvus index_type {index_type!r} | unknown: choose one of {', '.join(INDEX_TYPES)}")
         index = {"kind": cls.kind, "uri": uri, "collection": coll, "index_type": index_type}
+        if options.get("activations"):
+            index["activations"] = True
         if index_type == "BIN_IVF_FLAT":
             index["nlist"] = int(options.get("nlist", 128))
             index["nprobe"] = int(options.get("nprobe", 16))
@@ -176,11 +183,15 @@ class MilvusGallery(Gallery):
         schema.add_field("code", pm.DataType.BINARY_VECTOR, dim=self._bits)
         schema.add_field("meta", pm.DataType.JSON)
         schema.add_field("seq", pm.DataType.INT64)
+        if self.has_activations:
+            schema.add_field("z", pm.DataType.FLOAT16_VECTOR, dim=self._bits)
         params = c.prepare_index_params()
         params.add_index(
             field_name="code", index_type=self._index_type, metric_type="HAMMING",
             params={"nlist": nlist} if nlist else {},
         )
+        if self.has_activations:
+            params.add_index(field_name="z", index_type="FLAT", metric_type="COSINE")
         c.create_collection(self._coll, schema=schema, index_params=params, consistency_level="Strong")
 
     @classmethod
@@ -197,6 +208,12 @@ class MilvusGallery(Gallery):
                 raise ArtifactMismatch(
                     f"{where} | holds {dim}-bit codes, manifest {path / 'manifest.json'} says "
                     f"{g._bits} bits: {REBUILD}"
+                )
+            zdim = int(fields.get("z", {}).get("params", {}).get("dim", -1))
+            if g.has_activations and zdim != g._bits:
+                raise ArtifactMismatch(
+                    f"{where} | has no {g._bits}-wide activations field `z`, manifest {path / 'manifest.json'} "
+                    f"says it keeps activations: {REBUILD}"
                 )
             try:
                 c.load_collection(g._coll)
@@ -224,7 +241,7 @@ class MilvusGallery(Gallery):
             out.update((_unpk(r["id"]), int(r["seq"])) for r in self._query(ids=chunk, output_fields=["seq"]))
         return out
 
-    def _upsert(self, ids, codes, metadata) -> None:
+    def _upsert(self, ids, codes, metadata, activations=None) -> None:
         long = [i for i in ids if len(_pk(i).encode()) > ID_MAX_BYTES]
         if long:
             raise BadInput(f"upsert | id {long[0][:40]!r}… is longer than {ID_MAX_BYTES} bytes (Milvus VARCHAR limit)")
@@ -236,8 +253,25 @@ class MilvusGallery(Gallery):
             {"id": _pk(i), "code": codes[r].tobytes(), "meta": metadata[r], "seq": existing.get(i, base + r)}
             for r, i in enumerate(ids)
         ]
+        if self.has_activations:
+            if activations is None:
+                activations = np.full((len(ids), self._bits), np.nan, np.float16)
+            for r, row in enumerate(rows):
+                row["z"] = np.ascontiguousarray(activations[r], np.float16)
         for chunk in _chunks(rows):
             self._client.upsert(self._coll, chunk)
+
+    def _activations_of(self, results):
+        wanted = sorted({h.id for hits in results for h in hits})
+        found: dict[str, np.ndarray] = {}
+        for chunk in _chunks([_pk(i) for i in wanted]):
+            for r in self._query(ids=chunk, output_fields=["z"]):
+                z = r["z"]
+                z = z[0] if isinstance(z, list) else z
+                found[_unpk(r["id"])] = np.frombuffer(bytes(z), np.float16)
+        nan = np.full(self._bits, np.nan, np.float16)
+        return [np.stack([found.get(h.id, nan) for h in hits]) if hits else np.zeros((0, self._bits), np.float16)
+                for hits in results]
 
     def _missing(self, ids):
         present = self._seqs(ids)
