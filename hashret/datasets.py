@@ -109,6 +109,7 @@ def _random_split(samples: list[Sample], opts: SplitOptions) -> tuple[list[Sampl
 def _splits(fmt, root, samples, opts, collector, explicit=None, class_names=None) -> Splits:
     if not samples:
         raise BadInput(f"{fmt} dataset {root} | no usable samples found")
+    root = Path(root).resolve()  # sample paths are resolved: keep ids relative to the same root
     if explicit is not None and any(explicit):
         by = {"train": [], "database": [], "query": []}
         for s, sp in zip(samples, explicit):
@@ -223,7 +224,7 @@ def read_grocery(root: str | os.PathLike, opts: SplitOptions = SplitOptions()) -
     col = _Collector(opts.skip_bad)
     train = _read_grocery_split(ds, "train", col) + _read_grocery_split(ds, "val", col)
     query = _read_grocery_split(ds, "test", col)
-    return Splits("grocery", str(ds), train, list(train), query, col.skipped, grocery_class_names(ds))
+    return Splits("grocery", str(ds.resolve()), train, list(train), query, col.skipped, grocery_class_names(ds))
 
 
 @FORMATS.register("csv")

@@ -702,8 +702,13 @@ def test_search_k_and_max_distance_property(stub, k, md):
         req.max_distance = md
     ok = 1 <= k <= MAX_K and (md is None or md <= BITS)
     try:
-        hits = s.Search(req, timeout=DEADLINE).hits
+        hits = s.Search(req, timeout=DEADLINE).hits  # re-ranked (the default): best score first
         assert ok, f"k={k} max_distance={md} accepted"
+        assert len(hits) <= k and all(md is None or h.distance <= md for h in hits)
+        scores = [h.score for h in hits if h.HasField("score")]
+        assert scores == sorted(scores, reverse=True)
+        req.rerank_factor = 0  # Hamming order alone: distances ascending
+        hits = s.Search(req, timeout=DEADLINE).hits
         assert len(hits) <= k and all(md is None or h.distance <= md for h in hits)
         assert [h.distance for h in hits] == sorted(h.distance for h in hits)
     except grpc.RpcError as e:
