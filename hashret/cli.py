@@ -9,6 +9,7 @@ import argparse
 import importlib
 import logging
 import sys
+import textwrap
 
 from hashret import __version__
 from hashret.errors import HashretError
@@ -42,7 +43,32 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             importlib.import_module(module).add_args(p)
             p.set_defaults(_module=module)
+            _keep_names_whole(p)
     return parser
+
+
+def _keep_names_whole(parser: argparse.ArgumentParser) -> None:
+    """Wrap every help text of `parser` and its sub-commands at spaces only.
+
+    argparse wraps at hyphens too, which splits names a user has to type (a backend such as
+    "ort-int8" shown as "ort-" / "int8"). Each command keeps its own formatter class otherwise.
+    """
+    todo = [parser]
+    while todo:
+        p = todo.pop()
+        base = p.formatter_class
+        if not getattr(base, "_whole_words", False):
+            p.formatter_class = type(base.__name__, (_WholeWords, base), {})
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(action.choices.values())
+
+
+class _WholeWords(argparse.HelpFormatter):
+    _whole_words = True
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
 
 
 def main(argv: list[str] | None = None) -> int:
