@@ -2,12 +2,15 @@
 
 Every benchmark prints a table and writes one JSON (default benchmarks/results/<name>.json)
 recording the exact command line, the date, the machine (CPU model, cores, threads used, GPU)
-and package versions; `hashret bench report` turns those files into benchmarks/RESULTS.md with
-plots. Timings are figures, never pass/fail checks.
+and package versions, plus the code that ran (`git describe --always --dirty`, and the sha256 of
+`git diff HEAD` when dirty); a dirty checkout writes into benchmarks/results/ only with
+--allow-dirty. `hashret bench report` turns those files into benchmarks/RESULTS.md with plots.
+Timings are figures, never pass/fail checks.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -25,9 +28,11 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
     ),
     "serve": (
         "benchmarks.serve_load",
-        "gRPC load test of the retrieval service: latency percentiles and requests/s per concurrency",
+        "gRPC load test of the retrieval service: latency percentiles, requests/s and the server's CPU per "
+        "request (engine, decode, the rest, and a bare gRPC echo server's) per concurrency",
         "examples:\n  hashret bench serve --model exp/ --gallery gal/ --concurrency 1,4,16 --seconds 10\n"
-        "  hashret bench serve --addr 127.0.0.1:50051 --images photos/",
+        "  hashret bench serve --addr 127.0.0.1:50051 --images photos/\n"
+        "  hashret bench serve --addr 127.0.0.1:50051 --server-pid 4242   # + the server's CPU per request",
     ),
     "search": (
         "benchmarks.search",
@@ -58,8 +63,11 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
     ),
     "report": (
         "benchmarks.report",
-        "regenerate benchmarks/RESULTS.md and its plots from benchmarks/results/*.json",
-        "example:\n  hashret bench report --results benchmarks/results --out benchmarks/RESULTS.md",
+        "regenerate benchmarks/RESULTS.md, its plots and README.md's generated blocks from "
+        "benchmarks/results/*.json; list stale results",
+        "examples:\n  hashret bench report\n"
+        "  hashret bench report --check          # exit 1 when a generated figure differs from its JSON\n"
+        "  hashret bench report --results /tmp/r --out /tmp/r/RESULTS.md   # a trial folder; README untouched",
     ),
 }
 
@@ -80,7 +88,25 @@ def run(args: argparse.Namespace) -> int:
     if not module:
         args._bench_parser.print_help()
         return 2
-    return int(importlib.import_module(module).run(args) or 0)
+    with _results_guard(args):
+        return int(importlib.import_module(module).run(args) or 0)
+
+
+@contextlib.contextmanager
+def _results_guard(args: argparse.Namespace):
+    """Apply --allow-dirty for this command, and refuse a dirty write into benchmarks/results/ up front.
+
+    The refusal comes before the benchmark runs (minutes, for some) rather than at write time;
+    write_result checks again in case the checkout changed meanwhile.
+    """
+    from benchmarks import machine
+
+    token = machine.allow_dirty.set(bool(getattr(args, "allow_dirty", False)))
+    try:
+        machine.check_results_write(getattr(args, "out", None))
+        yield
+    finally:
+        machine.allow_dirty.reset(token)
 
 
 def standalone_parser(prog: str, doc: str | None,
@@ -102,7 +128,8 @@ def run_main(parser: argparse.ArgumentParser, command: Callable[[argparse.Namesp
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parser.parse_args(None if argv is None else list(argv))
     try:
-        return int(command(args) or 0)
+        with _results_guard(args):
+            return int(command(args) or 0)
     except HashretError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -101,15 +101,18 @@ def time_batches(eng, size: int, batches: list[int], iters: int, warmup: int, ma
         warm_s = time.perf_counter() - t_start
         lat = []
         t0 = time.perf_counter()
+        cpu0 = time.process_time()  # every thread of this process: the engine's own pool included
         while len(lat) < iters:
             t = time.perf_counter()
             eng.encode(x)
             lat.append((time.perf_counter() - t) * 1e3)
             if time.perf_counter() - t0 > max_seconds and len(lat) >= 3:
                 break
+        cpu_ms = (time.process_time() - cpu0) * 1e3 / len(lat)
         p = percentiles(lat)
         rows.append({"batch": b, "iters": len(lat), "warmup": warmup, "warmup_s": round(warm_s, 3),
                      **p, "per_image_ms": round(p["mean_ms"] / b, 4),
+                     "cpu_ms_per_batch": round(cpu_ms, 4), "cpu_ms_per_image": round(cpu_ms / b, 4),
                      "img_per_s": round(b / (p["mean_ms"] / 1e3), 2),
                      "stopped_by_time": len(lat) < iters})
     return rows

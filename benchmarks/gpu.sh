@@ -185,7 +185,8 @@ PYEOF
   if [ -z "$kind" ]; then skip serve "no index kind usable here (no GPU kind registered, faiss not installed)"; return; fi
   local gal="$LOGDIR/gallery"
   step serve-gallery - "${HB[@]}" index build "$EXP" --data "$IMAGES" --format folder --split database \
-    --kind "$kind" --backend torch --device "$DEV" --out "$gal" --no-progress
+    --kind "$kind" --backend torch --device "$DEV" --out "$gal" --no-progress \
+    $(case "$kind" in torch-*) echo --search-device "$DEV";; esac)
   [ -f "$gal/manifest.json" ] || { skip serve-load "the gallery was not built"; return; }
   local load=(bench serve --model "$EXP" --gallery "$gal" --concurrency "$SERVE_CONCURRENCY" --seconds "$SERVE_SECONDS"
               --requests 100000 --images "$IMAGES")

@@ -2,11 +2,15 @@
 
 A number without the machine it came from is not comparable, so every JSON under
 benchmarks/results/ carries `run_meta(...)`: the exact command line, the date, the CPU model,
-core counts, the thread counts the benchmark used, the GPU (if any) and package versions.
+core counts, the thread counts the benchmark used, the GPU (if any) and package versions,
+and which code ran: `git describe --always --dirty` and, for a checkout with uncommitted edits,
+the sha256 of `git diff HEAD` (hashret.provenance). A dirty checkout may not write into
+benchmarks/results/ unless the command says `--allow-dirty`, which the file then records.
 Nothing here imports a heavy package: torch is queried only when already imported.
 """
 from __future__ import annotations
 
+import contextvars
 import datetime as _dt
 import os
 import platform
@@ -189,9 +193,24 @@ def package_versions() -> dict[str, Any]:
     return {k: v for k, v in versions(*PACKAGES).items()}
 
 
+#: Set by the `hashret bench` / `python -m benchmarks.X` entry points from `--allow-dirty` for the
+#: command they run, so run_meta records it and write_result honours it without every benchmark
+#: passing it along.
+allow_dirty: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_dirty", default=False)
+
+PROVENANCE_KEYS = ("git_commit", "git_describe", "dirty", "diff_sha256", "allow_dirty")
+
+
+def provenance() -> dict[str, Any]:
+    """The code that ran: git_commit, git_describe, dirty, diff_sha256 and this command's allow_dirty."""
+    from hashret.provenance import result_fields
+
+    return result_fields(allow_dirty.get())
+
+
 def run_meta(benchmark: str, threads: dict[str, Any] | None = None,
              argv: list[str] | None = None) -> dict[str, Any]:
-    """The header of every results JSON: what ran, when, where, with which versions."""
+    """The header of every results JSON: what ran, when, where, from which code, with which versions."""
     argv = list(sys.argv if argv is None else argv)
     return {
         "benchmark": benchmark,
@@ -199,6 +218,7 @@ def run_meta(benchmark: str, threads: dict[str, Any] | None = None,
         "argv": argv,
         "cwd": os.getcwd(),
         "date": now_iso(),
+        **provenance(),
         "machine": machine_info(threads),
         "versions": package_versions(),
     }
@@ -284,12 +304,35 @@ def add_out_arg(p, name: str) -> None:
 
     add_output_args(p, metavar="FILE.json", default=default_out(name), help="where to write the results JSON",
                     progress=False, title=None)
+    add_allow_dirty_arg(p)
+
+
+def add_allow_dirty_arg(p) -> None:
+    """`--allow-dirty`: let a checkout with uncommitted edits write into benchmarks/results/."""
+    from hashret.provenance import ALLOW_DIRTY_FLAG, ALLOW_DIRTY_HELP
+
+    p.add_argument(ALLOW_DIRTY_FLAG, action="store_true", help=ALLOW_DIRTY_HELP)
+
+
+def check_results_write(out: str | os.PathLike | None) -> None:
+    """Refuse a write into benchmarks/results/ from a dirty checkout unless this command allows it."""
+    from hashret.provenance import check_results_write as check
+
+    check(out, allow_dirty.get())
 
 
 def write_result(doc: dict[str, Any], out: str | os.PathLike) -> Path:
-    """Write a results JSON atomically (parents created)."""
+    """Write a results JSON atomically (parents created), with the provenance fields filled in.
+
+    A doc built without run_meta gets provenance() here; one with it keeps what was recorded
+    when its header was made. Inside benchmarks/results/ a dirty checkout is refused unless
+    --allow-dirty (check_results_write), the entry points' early check repeated at the last step.
+    """
     from hashret.fsutil import write_json_atomic
 
+    if any(k not in doc for k in PROVENANCE_KEYS):
+        doc = {**provenance(), **doc}
+    check_results_write(out)
     path = Path(out)
     write_json_atomic(path, doc)
     return path

@@ -96,8 +96,35 @@ def backends_for(exp: Path, manifest: dict, wanted: list[str] | None) -> list[st
     return ["torch"] + [b for b in ENGINES.names() if b != "torch" and backend_spec(b).file in files]
 
 
-def parity_for_exp(exp: Path, backends: list[str] | None, device: str, latency_runs: int) -> dict[str, Any]:
-    """Parity rows of one export on its golden set (export.parity.parity_rows)."""
+# --split -> (queries, database) drawn from the run's dataset; None = all of them. "subset" is the
+# sample `hashret export` takes for its parity.json, so the two tables describe the same images.
+SPLITS: dict[str, tuple[int | None, int | None]] = {"golden": (0, 0), "subset": (500, 1000), "full": (None, None)}
+
+
+def dataset_images(m: dict, split: str, data: str | None):
+    """(images, labels, is_query, facts) of the run's dataset for --split subset/full, sampled
+    with the seeds `export.parity.parity_report` uses."""
+    import numpy as np
+
+    from export.data import load_images, pick, run_splits
+    from hashret.images import PreprocessSpec
+
+    nq, nd = SPLITS[split]
+    splits = run_splits(m, data)
+    q = pick(splits.query, nq if nq is not None else len(splits.query), 0)
+    qs = set(q)
+    rest = [s for s in splits.database if s not in qs]
+    d = pick(rest, nd if nd is not None else len(rest), 1)
+    images = load_images(q + d, PreprocessSpec.from_dict(m["preprocessing"]), "parity images")
+    labels = np.array([s.label for s in q + d], dtype=np.int64)
+    is_query = np.array([True] * len(q) + [False] * len(d))
+    return images, labels, is_query, {"split": split, "root": str(splits.root), "queries": len(q), "database": len(d)}
+
+
+def parity_for_exp(exp: Path, backends: list[str] | None, device: str, latency_runs: int,
+                   split: str = "golden", data: str | None = None) -> dict[str, Any]:
+    """Parity rows of one export (export.parity.parity_rows) on its golden set, or on a sample
+    (`subset`) or all (`full`) of its run's query/database split."""
     from export.golden import GOLDEN, load_golden
     from export.parity import json_safe, parity_rows
     from hashret.manifest import load_manifest
@@ -108,13 +135,19 @@ def parity_for_exp(exp: Path, backends: list[str] | None, device: str, latency_r
         raise MissingArtifact(f"{golden_path} | not found: re-export with `hashret export` and --golden N > 0")
     g = load_golden(golden_path)
     bl = backends_for(exp, m, backends)
-    rows = parity_rows(exp, bl, g["images"], g["labels"], g["is_query"], reference=g["activations"],
-                       device=device, latency_runs=latency_runs, progress=False)
+    if split == "golden":
+        rows = parity_rows(exp, bl, g["images"], g["labels"], g["is_query"], reference=g["activations"],
+                           device=device, latency_runs=latency_runs, progress=False)
+        facts = {"split": "golden", "queries": int(g["is_query"].sum()), "database": int((~g["is_query"]).sum())}
+    else:  # the torch row is the reference, computed on these images
+        images, labels, is_query, facts = dataset_images(m, split, data)
+        rows = parity_rows(exp, bl, images, labels, is_query, device=device, latency_runs=latency_runs,
+                           progress=False)
     return json_safe({"exp": str(exp), "bits": int(m["bits"]), "method": (m.get("method") or {}).get("name"),
                       "backbone": (m.get("backbone") or {}).get("name"),
                       "golden": {"n": int(len(g["labels"])), "queries": int(g["is_query"].sum()),
                                  "reference_mAP@all": float(g["map_all"])},
-                      "backends": bl, "rows": rows})
+                      "dataset": facts, "backends": bl, "rows": rows})
 
 
 # --------------------------------------------------------------------------- CLI
@@ -146,6 +179,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="backends to compare, name[:opt=v] as in export (default: those the export holds)")
     add_device_arg(g, default="cpu", help="device for the non-reference backends")
     g.add_argument("--latency-runs", type=int, default=10, help="timed bs=1 encodes per backend (default: 10)")
+    g.add_argument("--split", choices=tuple(SPLITS), default="golden",
+                   help="images compared: each export's golden set; subset = 500 queries x 1,000 database "
+                        "images of the run's dataset (the sample `hashret export` takes); full = every query "
+                        "and database image, read from --data or the run's dataset (default: golden)")
     add_out_arg(p, "parity")
 
 
@@ -226,7 +263,8 @@ def run(args) -> int:
         results = []
         for mdl in models:
             print(f"parity: {mdl['exp']}", flush=True)
-            res = parity_for_exp(Path(mdl["exp"]), args.backends, args.device, args.latency_runs)
+            res = parity_for_exp(Path(mdl["exp"]), args.backends, args.device, args.latency_runs,
+                                 getattr(args, "split", "golden"), args.data)
             results.append({**{k: v for k, v in mdl.items() if k != "exp"}, **res})
     finally:
         if tmp is not None:
@@ -235,7 +273,7 @@ def run(args) -> int:
     config = {"source": "exps" if args.exps else "runs" if args.runs else "bits",
               "bits": args.bits, "epochs": args.epochs if args.bits else None, "method": args.method,
               "golden": args.golden, "calib": args.calib, "formats": args.formats, "device": args.device,
-              "latency_runs": args.latency_runs, "workdir": str(workdir) if args.workdir else "temp (deleted)",
+              "latency_runs": args.latency_runs, "split": getattr(args, "split", "golden"), "workdir": str(workdir) if args.workdir else "temp (deleted)",
               "data": args.data or os.environ.get("HASHRET_DATA")}
     notes = ["Parity rows from export/parity.py: reference = torch fp32 activations stored in each golden.npz.",
              "bit agree = share of code bits equal to torch's; ΔmAP = mAP@all minus torch's on the golden split; "

@@ -10,6 +10,15 @@ Target: --addr HOST:PORT (an already running server), or --model EXP --gallery G
 `hashret serve` as a child process on 127.0.0.1 with a free port (stopped at the end). The load
 generator runs in this process, the server in its own, so they do not share a GIL; on a small
 machine they still share the CPU cores, which the JSON records.
+
+Server CPU per request: with a started server (or --server-pid) each level also reads the server
+process's CPU time (user + system, all threads, from /proc) just before and after its timed
+requests, and splits the CPU per request into the engine (a same-run baseline of the engine
+alone, at the mean batch size the server formed), decoding (the same photos decoded alone) and
+the rest (gRPC, protobuf, hand-offs between threads, bookkeeping). CPU time, unlike latency,
+is not inflated by the load generator or other programs sharing the cores. The same load is
+then sent to a bare grpc.aio echo server (benchmarks.echo_server): its CPU per request is the
+floor Python gRPC puts under "the rest".
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import machine
+from benchmarks.echo_server import ECHO_METHOD
 from benchmarks.machine import add_out_arg, int_list, percentiles, print_table, write_result
 from hashret.datasets import IMAGE_SUFFIXES
 from hashret.errors import BadInput, MissingArtifact, Unavailable
@@ -142,6 +152,47 @@ class ChildServer:
             pass
 
 
+class EchoChild:
+    """benchmarks.echo_server in a child process on 127.0.0.1:<free port>, stopped with SIGTERM."""
+
+    def __init__(self, reply_bytes: int, start_timeout: float = 60.0):
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "benchmarks.echo_server", "--port", str(self.port),
+                    "--reply-bytes", str(int(reply_bytes))]
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> EchoChild:
+        import grpc
+
+        root = Path(__file__).resolve().parents[1]  # where `benchmarks` imports from
+        self.proc = subprocess.Popen(self.cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        until = time.monotonic() + self.start_timeout
+        with grpc.insecure_channel(self.addr) as ch:
+            while True:
+                if self.proc.poll() is not None:
+                    err = self.proc.stderr.read().decode(errors="replace")[-2000:]
+                    raise Unavailable(f"echo server | exited with {self.proc.returncode} before serving:\n{err}")
+                try:
+                    grpc.channel_ready_future(ch).result(timeout=0.5)
+                    return self
+                except grpc.FutureTimeoutError:
+                    if time.monotonic() > until:
+                        self.__exit__()
+                        raise Unavailable(f"echo server | not listening on {self.addr} after "
+                                          f"{self.start_timeout:.0f} s") from None
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
 def is_loopback(addr: str) -> bool:
     """True for 127.0.0.0/8, ::1 and localhost targets (HOST:PORT, [v6]:PORT)."""
     host = addr.rsplit(":", 1)[0] if addr.count(":") == 1 or addr.startswith("[") else addr
@@ -152,6 +203,94 @@ def is_loopback(addr: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# --------------------------------------------------------------------------- CPU time
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat_cpu_ticks(pid: int) -> int | None:
+    """utime + stime + cutime + cstime of /proc/PID/stat (None when the process is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name may hold spaces and brackets: fields are counted after the last ')'
+    # (state is field 3, so utime, stime, cutime, cstime, fields 14-17, are [11:15])
+    return sum(int(v) for v in text.rsplit(")", 1)[1].split()[11:15])
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far: every thread, ended ones
+    included (the kernel folds them into the process), and its child processes, live or reaped."""
+    own = _stat_cpu_ticks(pid)
+    if own is None:
+        raise Unavailable(f"server pid {pid} | /proc/{pid}/stat cannot be read: pass the id of a server "
+                          "process running on this machine")
+    live = (_stat_cpu_ticks(c) for c in machine.child_pids(pid))
+    return (own + sum(t for t in live if t is not None)) / CLK_TCK
+
+
+def _load_avg() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear y(x) through sorted points, continued by the end segments' slopes."""
+    if len(xs) == 1:
+        return ys[0] * x / xs[0]
+    i = 1
+    while i < len(xs) - 1 and x > xs[i]:
+        i += 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def engine_cpu_per_image(mean_batch: float, engine_rows: list[dict[str, Any]]) -> float | None:
+    """Engine CPU ms per image at the mean batch size a level formed, from the baseline's CPU per batch.
+
+    CPU per batch is close to affine in the batch size (a fixed cost per call plus a cost per
+    image), so summed over a level's batches it depends on their mean size alone; between the
+    batch sizes the baseline timed it is interpolated linearly.
+    """
+    pts = sorted((r["batch"], r["cpu_ms_per_batch"]) for r in engine_rows if r.get("cpu_ms_per_batch") is not None)
+    if not pts or mean_batch <= 0:
+        return None
+    b = max(float(pts[0][0]), mean_batch)
+    return _interp(b, [p[0] for p in pts], [p[1] for p in pts]) / b
+
+
+def cpu_split(row: dict[str, Any], baseline: dict[str, Any] | None, cores: int) -> dict[str, Any] | None:
+    """A level's server CPU per request as engine + decode + rest, and the requests/s that the
+    engine and decode figures alone allow on `cores` cores (None without the parts it needs)."""
+    total = (row.get("server_cpu") or {}).get("ms_per_request")
+    stages = row.get("stages") or {}
+    items, batches = (stages.get("inference_item") or {}).get("count"), (stages.get("inference_batch") or {}).get("count")
+    if total is None or not baseline or not items or not batches:
+        return None
+    mean_batch = items / batches
+    per_image = engine_cpu_per_image(mean_batch, baseline.get("results") or [])
+    decode = (baseline.get("decode") or {}).get("cpu_ms_per_image")
+    if per_image is None or decode is None:
+        return None
+    n = row.get("images_per_request", 1)
+    engine_ms, decode_ms = per_image * n, decode * n
+    return {"mean_batch": round(mean_batch, 2), "total_ms": round(total, 4), "engine_ms": round(engine_ms, 4),
+            "decode_ms": round(decode_ms, 4), "rest_ms": round(total - engine_ms - decode_ms, 4),
+            "cores": cores, "ceiling_requests_per_s": round(cores * 1e3 / (engine_ms + decode_ms), 1),
+            "requests_per_s": row.get("requests_per_s")}
+
+
+def format_cpu(row: dict[str, Any]) -> str:
+    cpu, sp = row.get("server_cpu") or {}, row.get("cpu_split")
+    la = f"load avg {row['load_avg_1m'][0]} -> {row['load_avg_1m'][1]}" if row.get("load_avg_1m") else ""
+    if sp:
+        return (f"server CPU per request {sp['total_ms']:.3f} ms = engine {sp['engine_ms']:.3f} (mean batch "
+                f"{sp['mean_batch']}) + decode {sp['decode_ms']:.3f} + rest {sp['rest_ms']:.3f}; engine + decode "
+                f"allow {sp['ceiling_requests_per_s']:.0f} req/s on {sp['cores']} cores, achieved "
+                f"{row['requests_per_s']}; {la}")
+    return f"server CPU per request {cpu.get('ms_per_request', '-')} ms; {la}"
 
 
 # --------------------------------------------------------------------------- load
@@ -178,6 +317,22 @@ def server_info(addr: str, token: str | None = None, timeout: float = 10.0) -> d
         return {"model_id": r.model_id, "backend": r.backend, "note": f"Info not fully decoded ({e})"}
 
 
+def search_reply_bytes(addr: str, image: bytes, k: int, token: str | None = None, timeout: float = 30.0) -> int | None:
+    """Serialized size of the server's Search answer to `image` (the echo floor answers as much)."""
+    import grpc
+
+    from serve._proto import retrieval_pb2 as pb
+    from serve._proto import retrieval_pb2_grpc as pb_grpc
+
+    md = (("authorization", f"Bearer {token}"),) if token else ()
+    try:
+        with grpc.insecure_channel(addr) as ch:
+            return pb_grpc.RetrievalStub(ch).Search(pb.SearchRequest(image=image, k=k), timeout=timeout,
+                                                     metadata=md).ByteSize()
+    except grpc.RpcError:
+        return None
+
+
 def open_channels(addr: str, channels: int, concurrency: int) -> tuple[list, list]:
     """Up to `channels` (at most `concurrency`) grpc.aio channels, each its own TCP connection, and stubs."""
     import grpc
@@ -194,7 +349,7 @@ def open_channels(addr: str, channels: int, concurrency: int) -> tuple[list, lis
 
 async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requests: int, seconds: float,
                       k: int, rpc: str, batch_items: int, channels: int, timeout: float,
-                      token: str | None, warmup: int) -> dict[str, Any]:
+                      token: str | None, warmup: int, server_pid: int | None = None) -> dict[str, Any]:
     import grpc
 
     from serve._proto import retrieval_pb2 as pb
@@ -203,8 +358,12 @@ async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requ
     n_ch = len(chans)
     md = (("authorization", f"Bearer {token}"),) if token else ()
     reqs = [pb.SearchRequest(image=img, k=k) for img in images]
+    if rpc == "Echo":  # benchmarks.echo_server: the image bytes as they are, raw bytes back
+        stubs = [c.unary_unary(ECHO_METHOD) for c in chans]
 
     def call(stub, i):
+        if rpc == "Echo":
+            return stub(images[i % len(images)], timeout=timeout, metadata=md)
         if rpc == "SearchBatch":
             items = [reqs[(i + j) % len(reqs)] for j in range(batch_items)]
             return stub.SearchBatch(pb.SearchBatchRequest(items=items), timeout=timeout, metadata=md)
@@ -221,6 +380,8 @@ async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requ
         lat: list[float] = []
         errors: dict[str, int] = {}
         item_errors: dict[str, int] = {}
+        load0 = _load_avg()
+        cpu0 = process_cpu_seconds(server_pid) if server_pid else None
         t0 = time.perf_counter()
         deadline = t0 + seconds
 
@@ -244,6 +405,8 @@ async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requ
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         elapsed = time.perf_counter() - t0
+        # every request has its answer here, so the server's work for them is done
+        cpu_s = process_cpu_seconds(server_pid) - cpu0 if server_pid else None
     finally:
         await asyncio.gather(*(c.close() for c in chans), return_exceptions=True)
     ok = len(lat)
@@ -253,16 +416,23 @@ async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requ
             "item_errors": item_errors, "duration_s": round(elapsed, 3),
             "requests_per_s": round(ok / elapsed, 2) if elapsed > 0 else None,
             "images_per_s": round(ok * per_req / elapsed, 2) if elapsed > 0 else None,
-            "stopped_by": "requests" if issued >= max_requests else "time", **percentiles(lat)}
+            "stopped_by": "requests" if issued >= max_requests else "time", **percentiles(lat),
+            "load_avg_1m": [load0, _load_avg()],
+            **({"server_cpu": {"pid": server_pid, "cpu_s": round(cpu_s, 3), "requests": ok,
+                               "ms_per_request": round(cpu_s * 1e3 / ok, 4) if ok else None}}
+               if server_pid else {})}
 
 
 def run_load(addr: str, images: list[bytes], concurrency=(1, 4, 16, 64), max_requests: int = 500,
              seconds: float = 10.0, k: int = 10, rpc: str = "Search", batch_items: int = 8,
              channels: int = 16, timeout: float = 30.0, token: str | None = None, warmup: int = 5,
-             progress=print, metrics: str | None = None) -> list[dict[str, Any]]:
+             progress=print, metrics: str | None = None, server_pid: int | None = None,
+             baseline: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One result dict per concurrency level (see _load_level); with `metrics` (the server's
     /metrics URL or HOST:PORT) each row also gets "stages": the server's per-stage split over
-    that level (serve.stages.stage_split), warm-up requests included."""
+    that level (serve.stages.stage_split), warm-up requests included. With `server_pid` each row
+    gets "server_cpu" (the process's CPU time over the timed requests) and, with `metrics` and an
+    engine `baseline` too, "cpu_split" (see cpu_split)."""
     if not images:
         raise BadInput("images | none to send")
     from serve.stages import format_split, scrape_stages, stage_split
@@ -271,9 +441,13 @@ def run_load(addr: str, images: list[bytes], concurrency=(1, 4, 16, 64), max_req
     for c in concurrency:
         before = scrape_stages(metrics) if metrics else None
         r = asyncio.run(_load_level(addr, images, int(c), max_requests, seconds, k, rpc, batch_items,
-                                    channels, timeout, token, warmup))
+                                    channels, timeout, token, warmup, server_pid))
         if metrics:
             r["stages"] = stage_split(before, scrape_stages(metrics))
+        if server_pid:
+            split = cpu_split(r, baseline, int(machine.cpu_counts().get("usable") or 1))
+            if split is not None:
+                r["cpu_split"] = split
         rows.append(r)
         errs = ", ".join(f"{k2}={v}" for k2, v in r["errors"].items()) or "none"
         p50 = r.get("p50_ms")
@@ -281,6 +455,8 @@ def run_load(addr: str, images: list[bytes], concurrency=(1, 4, 16, 64), max_req
                  f"p99 {r.get('p99_ms', '-')} ms, ok {r['ok']}/{r['sent']}, errors: {errs}")
         if metrics:
             progress(f"    server stages (mean): {format_split(r['stages'])}")
+        if server_pid:
+            progress(f"    {format_cpu(r)}")
     return rows
 
 
@@ -321,6 +497,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="the server's Prometheus endpoint (http://HOST:PORT/metrics or HOST:PORT), read before and "
                         "after each level to print the per-stage latency split (default: with --model the started "
                         "server's own; with --addr none)")
+    g = p.add_argument_group("server CPU")
+    g.add_argument("--server-pid", type=int, metavar="PID",
+                   help="with --addr: the server's process id on this machine, to read its CPU time per request "
+                        "from /proc (default: the started server's with --model; none with --addr)")
+    g.add_argument("--no-echo", action="store_true",
+                   help="skip the bare grpc.aio echo server that is sent the same load after the real one to "
+                        "give Python gRPC's own CPU per request (default: run it whenever server CPU is read)")
     add_out_arg(p, "serve")
 
 
@@ -332,6 +515,14 @@ def report_table(doc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         rows.append([r["concurrency"], r["channels"], r["rpc"], f"{r['ok']}/{r['sent']}", r["requests_per_s"],
                      r["images_per_s"], f(r.get("p50_ms")), f(r.get("p90_ms")), f(r.get("p99_ms")),
                      ", ".join(f"{k}={v}" for k, v in r["errors"].items()) or "none"])
+    if any("server_cpu" in r for r in doc.get("results", [])):  # runs that read the server's CPU time
+        head += ["CPU ms/req", "engine", "decode", "rest", "echo floor", "ceiling req/s", "load avg"]
+        for r, out in zip(doc["results"], rows):
+            cpu, sp = r.get("server_cpu") or {}, r.get("cpu_split") or {}
+            la = r.get("load_avg_1m") or []
+            out += [f(cpu.get("ms_per_request")), f(sp.get("engine_ms")), f(sp.get("decode_ms")),
+                    f(sp.get("rest_ms")), f(cpu.get("echo_ms_per_request")), sp.get("ceiling_requests_per_s", "-"),
+                    "/".join(map(str, la)) or "-"]
     return head, rows
 
 
@@ -365,6 +556,9 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
 LATENCY_ALLOWANCE_MS = 2.0
 THROUGHPUT_SHARE = 0.8
 BAR_CONCURRENCY = 16
+REST_CPU_MS = 0.7  # server CPU per request outside the engine and decoding, at BAR_CONCURRENCY
+# the sizes a loaded server forms lie between these, where engine CPU per batch is interpolated
+BASELINE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def engine_baseline(model: str, server_args: list[str], info: dict[str, Any], images: list[bytes]) -> dict[str, Any]:
@@ -377,12 +571,14 @@ def engine_baseline(model: str, server_args: list[str], info: dict[str, Any], im
     add_serve_args(p)
     known, _ = p.parse_known_args(["--model", model, "--gallery", "-", *server_args])
     backend = str(info.get("backend", known.backend)).split(" ")[0] or known.backend
-    print(f"engine baseline: {backend} on {known.device}, batch 1, 8, 32, 64 (the server is idle meanwhile)")
-    out = run_engine_bench(model, [backend], known.device, batches=(1, 8, 32, 64), iters=40, warmup=5,
+    print(f"engine baseline: {backend} on {known.device}, batch {', '.join(map(str, BASELINE_BATCHES))} "
+          "(the server is idle meanwhile)")
+    out = run_engine_bench(model, [backend], known.device, batches=BASELINE_BATCHES, iters=40, warmup=5,
                            threads=known.engine_threads or 0, max_seconds=10.0,
                            progress=lambda m: print(f"  {m.strip()}"))
     out["decode"] = decode_cost(model, images)
-    print(f"  decode + resize + crop: {out['decode']['ms_per_image']:.3f} ms per image on one thread")
+    print(f"  decode + resize + crop: {out['decode']['ms_per_image']:.3f} ms per image on one thread, "
+          f"{out['decode']['cpu_ms_per_image']:.3f} ms CPU")
     return out
 
 
@@ -394,12 +590,15 @@ def decode_cost(model: str, images: list[bytes], seconds: float = 2.0) -> dict[s
     spec = PreprocessSpec.from_dict(load_manifest(model, kind="export")["preprocessing"])
     times = []
     until = time.perf_counter() + seconds
+    cpu0 = time.thread_time()  # PIL decodes and resizes on the calling thread
     while time.perf_counter() < until or len(times) < len(images):
         data = images[len(times) % len(images)]
         t0 = time.perf_counter()
         load_image(data, spec)
         times.append(time.perf_counter() - t0)
-    return {"images": len(times), "ms_per_image": round(1e3 * sorted(times)[len(times) // 2], 4)}
+    cpu_ms = (time.thread_time() - cpu0) * 1e3 / len(times)
+    return {"images": len(times), "ms_per_image": round(1e3 * sorted(times)[len(times) // 2], 4),
+            "cpu_ms_per_image": round(cpu_ms, 4)}
 
 
 def overhead_bars(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> list[dict[str, Any]]:
@@ -437,6 +636,16 @@ def overhead_bars(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> list[
                      "text": f"images/s at concurrency {BAR_CONCURRENCY}: {cn['images_per_s']:.0f}; engine alone at "
                              f"its best batch ({best['batch']}): {best['img_per_s']:.0f} img/s, so "
                              f"{share:.0%} (target >= {THROUGHPUT_SHARE:.0%}){ceiling}"})
+    sp = (cn or {}).get("cpu_split")
+    if sp is not None:
+        bars.append({"name": f"server CPU per request outside engine and decode at concurrency {BAR_CONCURRENCY} "
+                             f"<= {REST_CPU_MS} ms",
+                     "measured": sp["rest_ms"], "target": REST_CPU_MS, "unit": "ms", "met": sp["rest_ms"] <= REST_CPU_MS,
+                     "text": f"server CPU per request at concurrency {BAR_CONCURRENCY}: {sp['total_ms']:.2f} ms = "
+                             f"engine {sp['engine_ms']:.2f} + decode {sp['decode_ms']:.2f} + rest "
+                             f"{sp['rest_ms']:.2f} (target rest <= {REST_CPU_MS} ms); {cn['requests_per_s']:.0f} "
+                             f"req/s of the {sp['ceiling_requests_per_s']:.0f} that engine + decode allow on "
+                             f"{sp['cores']} cores"})
     return bars
 
 
@@ -450,6 +659,11 @@ def run(args) -> int:
         raise BadInput("--model/--gallery | both are needed to start a server")
     if min(args.concurrency) < 1 or args.requests < 1 or args.seconds <= 0:
         raise BadInput("--concurrency/--requests/--seconds | must be positive")
+    server_pid = getattr(args, "server_pid", None)
+    if server_pid is not None and args.model:
+        raise BadInput("--server-pid | only with --addr: a started server's CPU is read anyway")
+    if server_pid is not None:
+        process_cpu_seconds(server_pid)  # a wrong pid fails now, not after the first level
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     images, img_desc = load_images(args.images)
     server = None
@@ -471,19 +685,39 @@ def run(args) -> int:
         started = {"command": machine.command_line(["hashret", *server.cmd[3:]]),
                    "startup_s": round(time.perf_counter() - t0, 2)}
         addr = server.addr
+        server_pid = server.proc.pid
         print(f"started {started['command']} in {started['startup_s']} s")
     else:
         addr = args.addr
     baseline = None
+    reply_bytes = None
     try:
         info = server_info(addr, token)
         if server is not None and not args.no_baseline:
             baseline = engine_baseline(args.model, shlex.split(args.server_args), info, images)
+        if server_pid:
+            reply_bytes = search_reply_bytes(addr, images[0], args.k, token, args.timeout)
         rows = run_load(addr, images, args.concurrency, args.requests, args.seconds, args.k, args.rpc,
-                        args.batch_items, args.channels, args.timeout, token, args.warmup, metrics=metrics)
+                        args.batch_items, args.channels, args.timeout, token, args.warmup, metrics=metrics,
+                        server_pid=server_pid, baseline=baseline)
     finally:
         if server is not None:
             server.__exit__(None, None, None)
+    echo = None
+    if server_pid and not getattr(args, "no_echo", False):
+        # after the real server stopped, so the two never share the cores
+        reply_bytes = reply_bytes or 700
+        print(f"bare grpc.aio echo server (benchmarks.echo_server), {reply_bytes}-byte answers, the same load:")
+        with EchoChild(reply_bytes) as e:
+            echo_rows = run_load(e.addr, images, args.concurrency, args.requests, args.seconds, args.k, "Echo",
+                                 args.batch_items, args.channels, args.timeout, None, args.warmup,
+                                 server_pid=e.proc.pid)
+        echo = {"command": machine.command_line(["python", *e.cmd[1:]]), "reply_bytes": reply_bytes,
+                "results": echo_rows}
+        for r in rows:
+            er = next((x for x in echo_rows if x["concurrency"] == r["concurrency"]), None)
+            if er is not None and "server_cpu" in r:
+                r["server_cpu"]["echo_ms_per_request"] = er["server_cpu"]["ms_per_request"]
     config = {"addr": addr, "started_server": started, "server_info": info, "images": img_desc,
               "concurrency": args.concurrency, "requests": args.requests, "seconds": args.seconds,
               "warmup": args.warmup, "channels": args.channels, "rpc": args.rpc, "batch_items": args.batch_items,
@@ -496,6 +730,17 @@ def run(args) -> int:
                                               "server": args.server_args or "server defaults"},
                             argv=getattr(args, "_argv", None))
     doc = {**meta, "config": config, "results": rows, "notes": notes}
+    if server_pid:
+        notes.append("server_cpu: the server process's user + system CPU time (all threads, from /proc) over "
+                     "each level's timed requests, per successful request. cpu_split: engine = the engine alone "
+                     "in this process at the level's mean batch size (CPU per batch interpolated between the "
+                     "baseline's batch sizes) and decode = these images decoded alone, both per request; rest = "
+                     "the remainder (gRPC, protobuf, thread hand-offs, bookkeeping); ceiling = cores x 1000 / "
+                     "(engine + decode) requests/s.")
+    if echo is not None:
+        doc["echo_floor"] = echo
+        notes.append("echo_floor: a bare grpc.aio server answering the same requests with as many bytes as a "
+                     "Search answer, run after the real server: Python gRPC's own CPU per request.")
     if baseline is not None:
         doc["engine_baseline"] = baseline
         doc["bars"] = overhead_bars(rows, baseline)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import json
 import os
 import random
 import secrets
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.cli import run_main
-from benchmarks.machine import run_meta
+from benchmarks.machine import add_allow_dirty_arg, run_meta, write_result
 from benchmarks.serve_load import load_images as _load_images
 from benchmarks.serve_load import open_channels
 from benchmarks.serve_load import synthetic_images  # noqa: F401  (re-exported: the tests build images with it)
@@ -477,6 +476,9 @@ def report(doc: dict[str, Any]) -> str:
     lat = doc["latency_ms"]
     out.append(f"total: {doc['requests']} requests ({doc['req_per_s']}/s), ok {doc['ok']}, errors: {errs}")
     out.append(f"latency of successful calls: p50 {lat['p50']} ms, p99 {lat['p99']} ms, max {lat['max']} ms")
+    for code, v in doc.get("latency_ms_by_code", {}).items():
+        if code != "OK":  # how fast a refusal comes back (a full queue must not hold callers)
+            out.append(f"latency of {code}: p50 {v['p50']} ms, p99 {v['p99']} ms, max {v['max']} ms (n={v['n']})")
     for rpc, codes in doc["by_rpc"].items():
         out.append(f"  {rpc}: " + ", ".join(f"{k}={v}" for k, v in codes.items()))
     out.append(rss_line(doc["rss"]))
@@ -523,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of load before the RSS baseline is taken; half the run when it is shorter "
                         f"than twice this (default: {RSS_WARMUP_S:g})")
     add_output_args(g, metavar="JSON", help="write the full result as JSON here (default: none)", progress=False)
+    add_allow_dirty_arg(g)
     return p
 
 
@@ -600,8 +603,7 @@ def _main(args) -> int:
     print()
     print(report(doc))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+        write_result(doc, args.out)
         print(f"wrote {args.out}")
     rc = 0
     if bad:

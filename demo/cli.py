@@ -22,6 +22,7 @@ from demo.report import print_results
 from hashret.cliargs import add_data_args, add_engine_args
 from hashret.codes import check_bits
 from hashret.errors import BadInput
+from hashret.provenance import ALLOW_DIRTY_FLAG, ALLOW_DIRTY_HELP, check_results_write
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -54,6 +55,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="at most N images per split, spread evenly over the classes (quick trials) (default: all)")
     g.add_argument("--download-timeout", type=float, default=10.0, metavar="S",
                    help="network timeout in seconds when the dataset has to be downloaded (default: 10)")
+    g.add_argument("--results", default=None, metavar="FILE.json",
+                   help="also write the summary as a results file (the command, the code that ran: git describe, "
+                        "dirty, sha256 of the diff; and the summary), e.g. benchmarks/results/demo-csq64-summary.json "
+                        "(default: none)")
+    g.add_argument(ALLOW_DIRTY_FLAG, action="store_true", help=ALLOW_DIRTY_HELP)
     g = p.add_argument_group("training and export")
     g.add_argument("--backbone", default="efficientnet-lite0", choices=BACKBONES.names(),
                    help="(default: efficientnet-lite0)")
@@ -89,6 +95,7 @@ def check_options(args: argparse.Namespace) -> None:
     if args.concurrency < 1:
         raise BadInput(f"--concurrency {args.concurrency} | must be at least 1")
     check_bits(args.bits, "--bits")
+    check_results_write(args.results, args.allow_dirty)  # now, not after the whole demo has run
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,4 +114,6 @@ def run(args: argparse.Namespace) -> int:
     summary, shown = steps.write_reports(demo, data, retrieval, shop, t_start)
     print_results(summary, retrieval.answers, shown, data.names, data.ds_dir, data.short,
                   n_database=len(data.splits.database), n_test=len(data.splits.query), workdir=demo.workdir)
+    if args.results:
+        print(f"wrote      {steps.write_results_file(args.results, summary, args.allow_dirty)}")
     return 1 if retrieval.scores["failed"] + shop.scores["failed"] else 0

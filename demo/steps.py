@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from demo.queries import (
 )
 from demo.report import Shorten, examples, write_queries
 from hashret.errors import HashretError
+from hashret.manifest import now_iso
+from hashret.provenance import check_results_write, result_fields
 
 if TYPE_CHECKING:
     from hashret.datasets import Sample, Splits
@@ -278,7 +281,32 @@ def write_reports(demo: Demo, data: Data, retrieval: Served, shop: Served, t_sta
     demo.ledger.end("report", t)
     summary["steps"] = demo.ledger.timings
     summary["total_s"] = round(time.perf_counter() - t_start, 2)
+    summary["code"] = {k: v for k, v in result_fields().items() if k != "allow_dirty"}  # which code made it
     write_json_atomic(w / "summary.json", summary)
     for f in ("summary.json", "demo.html", "queries.jsonl", STATE):
         (w / f).chmod(0o644)  # reports are for sharing (atomic writes create 0600 files)
     return summary, picked
+
+
+def command_line() -> str:
+    """This process's command as typed: `hashret demo ...` for the entry point and `python -m hashret`."""
+    head = Path(sys.argv[0]).name if sys.argv else ""
+    if head in ("hashret", "__main__.py"):
+        return shlex.join(["hashret", *sys.argv[1:]])
+    return shlex.join(sys.argv)
+
+
+def write_results_file(path: str | Path, summary: dict, allow_dirty: bool = False) -> Path:
+    """--results: the summary with the command and the code that ran, the shape of benchmarks/results/*.json.
+
+    Refused inside benchmarks/results/ from a checkout with uncommitted edits unless allow_dirty.
+    """
+    from hashret.fsutil import write_json_atomic
+
+    check_results_write(path, allow_dirty)
+    doc = {"benchmark": "demo", "command": command_line(), "date": now_iso(), **result_fields(allow_dirty),
+           "note": f"summary.json of `hashret demo` ({summary['model']}), unchanged under 'summary'",
+           "summary": summary}
+    write_json_atomic(path, doc)
+    Path(path).chmod(0o644)
+    return Path(path)

@@ -157,6 +157,14 @@ def decode_image(
         raise BadInput(f"{label} | corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
+def resize_geometry(w: int, h: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top) of a w x h image: shorter side to
+    spec.resize, centre crop spec.crop. The one geometry of resize_crop and serve.gpu_decode."""
+    scale = spec.resize / min(w, h)
+    nw, nh = max(spec.crop, round(w * scale)), max(spec.crop, round(h * scale))
+    return nw, nh, (nw - spec.crop) // 2, (nh - spec.crop) // 2
+
+
 def resize_crop(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """Shorter side to spec.resize, center crop spec.crop x spec.crop, as uint8 [crop, crop, 3].
 
@@ -168,10 +176,8 @@ def resize_crop(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     photos; identical for square ones), hence train.features.FEATURE_VERSION 3.
     """
     w, h = img.size
-    scale = spec.resize / min(w, h)
-    nw, nh = max(spec.crop, round(w * scale)), max(spec.crop, round(h * scale))
+    nw, nh, left, top = resize_geometry(w, h, spec)
     resample = _INTERPOLATION.get(spec.interpolation, Image.Resampling.BILINEAR)
-    left, top = (nw - spec.crop) // 2, (nh - spec.crop) // 2
     sx, sy = w / nw, h / nh
     box = (left * sx, top * sy, (left + spec.crop) * sx, (top + spec.crop) * sy)
     return np.asarray(img.resize((spec.crop, spec.crop), resample, box=box), dtype=np.uint8).copy()

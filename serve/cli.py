@@ -50,7 +50,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="requests admitted at once; beyond that clients get RESOURCE_EXHAUSTED and should retry "
                         "(default: 256)")
     g.add_argument("--decode-threads", type=int, default=None, metavar="N",
-                   help="threads decoding and resizing images (default: min(4, CPUs))")
+                   help="threads decoding and resizing images; with --decode cuda, images in flight to the "
+                        "GPU decoder (default: min(4, CPUs); with --decode cuda, --max-batch)")
+    g.add_argument("--decode", default="cpu", metavar="DEV",
+                   help="where JPEGs are decoded and resized: cpu, or cuda / cuda:N for batched nvJPEG decoding "
+                        "and resizing on the GPU (needs torchvision with CUDA; other formats and unusual JPEGs "
+                        "still decode on the CPU; refused at start without a GPU) (default: cpu)")
+    g.add_argument("--search-device", default=None, metavar="DEV",
+                   help="torch-flat galleries only: scan the codes on this device (cuda, cuda:N or cpu) instead "
+                        "of the one the gallery was built for (default: the gallery's)")
 
     g = p.add_argument_group("request limits")
     g.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES,
@@ -118,7 +126,18 @@ def config_from_args(args: argparse.Namespace):
         otel=getattr(args, "otel", False),
         admin_token=read_token_file(args.admin_token_file, "--admin-token-file") if args.admin_token_file else None,
         shadow_fraction=args.shadow_fraction, rerank_factor=args.rerank_factor,
+        decode=check_decode(args.decode), search_device=args.search_device,
     )
+
+
+def check_decode(value: str) -> str:
+    """--decode's value, refused early when it is no device name (availability is checked at start)."""
+    from hashret.errors import BadInput
+
+    v = str(value).strip()
+    if v != "cpu" and not (v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
+        raise BadInput(f"--decode {value!r} | must be cpu, cuda or cuda:N")
+    return v
 
 
 def run(args: argparse.Namespace) -> int:

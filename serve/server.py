@@ -77,6 +77,8 @@ class ServeConfig:
     admin_token: str | None = None  # enables the Admin service (model rollover, serve.pairs); None: off
     shadow_fraction: float = 0.0  # share of live searches re-run on a loaded candidate (serve.shadow)
     rerank_factor: int = 10  # Hamming top-(k * this) re-ranked by cosine (serve.gallery); 0: off
+    decode: str = "cpu"  # where JPEGs are decoded: cpu, or cuda[:N] for batched nvJPEG (serve.gpu_decode)
+    search_device: str | None = None  # torch-flat galleries: search here instead of the built-for device
 
 
 # ---- logging ---------------------------------------------------------------------------
@@ -123,6 +125,7 @@ class Metrics:
         r = self.registry
         self.latency = Histogram("hashret_rpc_latency_seconds", "RPC latency by method", ["method"],
                                  buckets=self.LATENCY_BUCKETS, registry=r)
+        self._latency_of: dict = {}
         self.errors = Counter("hashret_rpc_errors_total", "RPCs that failed, by method and status code",
                               ["method", "code"], registry=r)
         self.batch_size = Histogram("hashret_batch_size", "images per inference batch",
@@ -138,7 +141,10 @@ class Metrics:
         self.port: int | None = None
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        self.latency.labels(method).observe(seconds)
+        child = self._latency_of.get(method)
+        if child is None:  # `labels()` takes a lock and builds a key: once per method, not per call
+            child = self._latency_of[method] = self.latency.labels(method)
+        child.observe(seconds)
         if code != "OK":
             self.errors.labels(method, code).inc()
 
@@ -340,7 +346,7 @@ def _open_parts(cfg: ServeConfig, engine=None):
     from hashret.engines import backend_spec, open_engine
     from serve.gallery import open_gallery_for_export
 
-    gallery, manifest, mid = open_gallery_for_export(cfg.gallery, cfg.model)
+    gallery, manifest, mid = open_gallery_for_export(cfg.gallery, cfg.model, search_device=cfg.search_device)
     bits = gallery.bits
     try:
         try:
@@ -415,13 +421,24 @@ class HashretServer:
             "backend": f"{getattr(engine, 'name', cfg.backend)} ({cfg.device})",
             "versions": versions("grpcio", "protobuf", "onnxruntime", "openvino", "faiss-cpu", "pymilvus", "Pillow"),
         }
-        decode_threads = cfg.decode_threads or min(4, os.cpu_count() or 1)
+        decoder = None
+        if cfg.decode != "cpu":  # each decode thread holds one image in the GPU decoder's next batch
+            from serve.gpu_decode import GpuDecoder
+
+            decoder = GpuDecoder(spec, cfg.decode, max_bytes=cfg.limits.max_image_bytes,
+                                 max_pixels=cfg.limits.max_pixels, max_batch=cfg.max_batch)
+        decode_threads = cfg.decode_threads or (cfg.max_batch if decoder else min(4, os.cpu_count() or 1))
         snapshots = Snapshotter(gallery, cfg.snapshots)
-        service = RetrievalService(
-            engine, gallery, model_id=mid, spec=spec, batcher=batcher, limits=cfg.limits,
-            decode_threads=decode_threads, info=info, snapshots=snapshots, stages=self.metrics.stages,
-            rerank_factor=cfg.rerank_factor,
-        )
+        try:
+            service = RetrievalService(
+                engine, gallery, model_id=mid, spec=spec, batcher=batcher, limits=cfg.limits,
+                decode_threads=decode_threads, info=info, snapshots=snapshots, stages=self.metrics.stages,
+                rerank_factor=cfg.rerank_factor, decoder=decoder,
+            )
+        except BaseException:
+            if decoder is not None:
+                decoder.close()
+            raise
         snapshots.start()
         return service
 

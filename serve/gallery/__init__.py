@@ -84,10 +84,13 @@ def open_gallery(
     path: str | os.PathLike,
     expect_bits: int | None = None,
     expect_model_sha256: str | None = None,
+    search_device: str | None = None,
 ) -> Gallery:
     """Open a gallery, refusing one built for a different model or code length.
 
     The manifest is read (and migrated from an older schema) by hashret.manifest.
+    `search_device` (cpu, cuda, cuda:N) overrides, for this process only, the device a kind
+    that searches on one (torch-flat) was built for; other kinds refuse it.
     """
     path = Path(path)
     manifest = load_manifest(path, kind=GALLERY)
@@ -107,7 +110,14 @@ def open_gallery(
             f"gallery {path} | index kind {kind!r} is not known here (known: {', '.join(INDEX_KINDS.names())}): "
             f"install the module that registers it, or {REBUILD}"
         )
-    gallery = INDEX_KINDS.get(kind).open(path, manifest)
+    cls = INDEX_KINDS.get(kind)
+    if search_device is None:
+        gallery = cls.open(path, manifest)
+    elif getattr(cls, "SEARCH_DEVICE", False):
+        gallery = cls.open(path, manifest, search_device=search_device)
+    else:
+        raise BadInput(f"--search-device {search_device} | gallery {path} is a {kind} gallery, which searches "
+                       f"where its library does: drop the flag, or rebuild it with --kind torch-flat")
     if not gallery.has_activations:
         log.info(
             "gallery %s | stores no activations (built before re-ranking existed, with --no-activations, "
@@ -118,7 +128,7 @@ def open_gallery(
 
 
 def open_gallery_for_export(
-    path: str | os.PathLike, exp: str | os.PathLike
+    path: str | os.PathLike, exp: str | os.PathLike, search_device: str | None = None
 ) -> tuple[Gallery, dict[str, Any], str]:
     """The gallery at `path` opened for the model exported in EXP: (gallery, EXP manifest, model id).
 
@@ -137,4 +147,4 @@ def open_gallery_for_export(
             f"{Path(exp) / MANIFEST} | bits {manifest.get('bits')!r} is missing or not a code length: "
             f"{KINDS[EXPORT].fix}"
         ) from None
-    return open_gallery(path, expect_bits=bits, expect_model_sha256=mid), manifest, mid
+    return open_gallery(path, expect_bits=bits, expect_model_sha256=mid, search_device=search_device), manifest, mid

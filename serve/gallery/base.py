@@ -237,7 +237,11 @@ class Gallery(abc.ABC):
             if not rerank:
                 results = self._search(queries, int(k))
             else:
-                results = self._search(queries, rerank_size(int(k), int(rerank_factor), self._size()))
+                r = rerank_size(int(k), int(rerank_factor), self._size())
+                fast = self._search_reranked(queries, activations, int(k), r, max_distance)
+                if fast is not None:
+                    return fast
+                results = self._search(queries, r)
                 stored = self._activations_of(results)
         if max_distance is not None:
             keep = [[h.distance <= max_distance for h in hits] for hits in results]
@@ -251,6 +255,12 @@ class Gallery(abc.ABC):
             order, scores = rerank_order([h.distance for h in hits], qz, Z)
             out.append([replace(hits[o], score=float(sc)) for o, sc in zip(order[:k], scores[:k])])
         return out
+
+    def _search_reranked(self, queries, activations, k: int, r: int, max_distance) -> list[list[Hit]] | None:
+        """The whole re-ranked search (called under the lock) for kinds that can shortlist on
+        arrays and build Hits for the k answers only, not for all r candidates; None: this
+        kind cannot, and `search` re-ranks the Hits of `_search` instead (the same ranking)."""
+        return None
 
     def search_nowait(
         self,

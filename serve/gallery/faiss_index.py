@@ -55,6 +55,7 @@ import numpy as np
 from hashret.errors import ArtifactMismatch, BadInput, MissingArtifact, Unavailable
 from hashret.fsutil import atomic_write, fsync_dir, write_bytes_atomic
 from hashret.manifest import gallery_checksum, now_iso, write_manifest
+from hashret.metrics import rerank_order
 from serve.gallery.base import REBUILD, Gallery, Hit, index_kind, new_gallery_manifest, short_sha
 
 try:
@@ -692,6 +693,26 @@ class FaissGallery(Gallery):
             # FAISS flat already orders ties by label (= insertion order); HNSW may not.
             pairs = sorted((int(d), int(p)) for d, p in zip(drow, lrow) if p >= 0)
             out.append([Hit(self._ids_list[p], d, dict(self._meta[p])) for d, p in pairs])
+        return out
+
+    def _search_reranked(self, queries, activations, k, r, max_distance):
+        # A Hit with a copy of its metadata for each of the k * factor candidates cost more than
+        # the search itself; the ranking is the one `_search` + rerank_order give (same ties).
+        index = self._ensure_index()
+        r = min(r, self._n)
+        self._prepare_search(index, r)
+        dist, labels = index.search(queries, r)
+        out = []
+        for drow, lrow, qz in zip(dist, labels, activations):
+            keep = lrow >= 0
+            if max_distance is not None:
+                keep &= drow <= max_distance
+            d, p = drow[keep].astype(np.int64), lrow[keep].astype(np.int64)
+            o = np.lexsort((p, d))  # by distance, ties by insertion order
+            d, p = d[o], p[o]
+            order, scores = rerank_order(d, qz, self._zbuf[p])
+            out.append([Hit(self._ids_list[p[i]], int(d[i]), dict(self._meta[p[i]]), float(sc))
+                        for i, sc in zip(order[:k], scores[:k])])
         return out
 
     def _cheap(self, n_queries, k):

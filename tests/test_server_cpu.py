@@ -1,0 +1,196 @@
+"""Server CPU per request (`hashret bench serve`): /proc accounting, the engine/decode/rest split,
+the bare gRPC echo floor, and the cuts on the request path (loop wake-ups, re-ranked search)."""
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from benchmarks import serve_load
+from hashret.codes import pack
+from hashret.errors import BadInput, Unavailable
+
+
+# ---- reading CPU time from /proc ----------------------------------------------------------
+def test_cpu_of_a_busy_child_process_and_its_children():
+    # a process that burns CPU in a child of its own: both must be counted
+    code = ("import subprocess, sys, time\n"
+            "c = subprocess.Popen([sys.executable, '-c', 'import time\\nt = time.process_time()\\n"
+            "while time.process_time() - t < 0.4: pass\\ntime.sleep(30)'])\n"
+            "t = time.process_time()\n"
+            "while time.process_time() - t < 0.4: pass\n"
+            "print('busy', flush=True)\n"
+            "time.sleep(30)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "busy"
+        deadline = 0
+        cpu = serve_load.process_cpu_seconds(p.pid)
+        while cpu < 0.75 and deadline < 50:  # the child may still be finishing its 0.4 s
+            threading.Event().wait(0.1)
+            deadline += 1
+            cpu = serve_load.process_cpu_seconds(p.pid)
+        assert cpu >= 0.75, cpu  # 0.4 s of its own + 0.4 s of its child's, at 10 ms resolution
+        assert cpu < 30
+    finally:
+        for c in serve_load.machine.child_pids(p.pid):
+            subprocess.run(["kill", str(c)], check=False)
+        p.kill()
+        p.wait()
+
+
+def test_cpu_of_a_missing_process_is_refused():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    with pytest.raises(Unavailable, match=rf"server pid {p.pid} \| /proc/{p.pid}/stat cannot be read"):
+        serve_load.process_cpu_seconds(p.pid)
+
+
+# ---- the split -------------------------------------------------------------------------------
+BASELINE = {"results": [{"batch": 1, "cpu_ms_per_batch": 4.0}, {"batch": 8, "cpu_ms_per_batch": 18.0},
+                        {"batch": 16, "cpu_ms_per_batch": 34.0}],
+            "decode": {"cpu_ms_per_image": 1.5}}
+
+
+def level(total_ms=8.0, items=800, batches=100, per_request=1):
+    return {"requests_per_s": 300.0, "images_per_request": per_request,
+            "server_cpu": {"ms_per_request": total_ms},
+            "stages": {"inference_item": {"count": items}, "inference_batch": {"count": batches}}}
+
+
+def test_split_adds_up_and_interpolates_the_engine_at_the_mean_batch():
+    sp = serve_load.cpu_split(level(), BASELINE, cores=2)
+    assert sp["mean_batch"] == 8.0
+    assert sp["engine_ms"] == pytest.approx(18.0 / 8)
+    assert sp["decode_ms"] == 1.5
+    assert sp["engine_ms"] + sp["decode_ms"] + sp["rest_ms"] == pytest.approx(sp["total_ms"], abs=1e-3)
+    assert sp["ceiling_requests_per_s"] == pytest.approx(2 * 1000 / (18.0 / 8 + 1.5), abs=0.1)
+    # between timed batch sizes: CPU per batch on the line from 8 to 16
+    sp = serve_load.cpu_split(level(items=1200), BASELINE, cores=2)
+    assert sp["mean_batch"] == 12.0 and sp["engine_ms"] == pytest.approx(26.0 / 12, abs=1e-4)
+    # beyond the largest: the last segment's slope continues
+    sp = serve_load.cpu_split(level(items=2400), BASELINE, cores=2)
+    assert sp["engine_ms"] == pytest.approx(50.0 / 24, abs=1e-4)
+    # a SearchBatch request of 4 images costs 4 images' engine and decode
+    sp = serve_load.cpu_split(level(per_request=4), BASELINE, cores=2)
+    assert sp["decode_ms"] == 6.0 and sp["engine_ms"] == pytest.approx(9.0)
+
+
+@pytest.mark.parametrize("row, baseline", [
+    ({"server_cpu": {"ms_per_request": 5.0}}, BASELINE),  # no stage metrics: no batch size
+    (level(), None),  # no baseline
+    (level(), {"results": [], "decode": {"cpu_ms_per_image": 1.0}}),
+    (level(), {"results": BASELINE["results"], "decode": {}}),
+])
+def test_split_needs_every_part(row, baseline):
+    assert serve_load.cpu_split(row, baseline, cores=2) is None
+
+
+def test_rest_bar_at_the_bar_concurrency():
+    rows = [{"concurrency": 16, "rpc": "Search", "images_per_s": 100.0, "requests_per_s": 100.0,
+             "cpu_split": serve_load.cpu_split(level(total_ms=4.5), BASELINE, cores=2)}]
+    base = {"results": [{**r, "p50_ms": 1.0, "img_per_s": 200.0, "device": "cpu"} for r in BASELINE["results"]],
+            "decode": {"ms_per_image": 1.5, "cpu_ms_per_image": 1.5}}
+    bar = [b for b in serve_load.overhead_bars(rows, base) if "outside engine and decode" in b["name"]]
+    assert len(bar) == 1 and bar[0]["measured"] == pytest.approx(0.75) and bar[0]["met"] is False
+
+
+# ---- the load, with CPU read ----------------------------------------------------------------
+def test_echo_floor_is_loaded_and_its_cpu_read():
+    images = serve_load.synthetic_images(3)
+    with serve_load.EchoChild(reply_bytes=500) as echo:
+        rows = serve_load.run_load(echo.addr, images, concurrency=[1, 4], max_requests=300, seconds=60, rpc="Echo",
+                                   warmup=2, channels=2, server_pid=echo.proc.pid, progress=lambda *_: None)
+    assert echo.proc.poll() is not None  # stopped on exit
+    for r in rows:
+        assert r["ok"] == r["sent"] == 300 and r["error_count"] == 0
+        cpu = r["server_cpu"]
+        assert cpu["pid"] == echo.proc.pid and cpu["requests"] == 300
+        assert cpu["cpu_s"] >= 0 and cpu["ms_per_request"] == pytest.approx(cpu["cpu_s"] * 1e3 / 300, abs=1e-3)
+        assert len(r["load_avg_1m"]) == 2
+        assert "cpu_split" not in r  # an echo server has no engine
+
+
+def test_bench_cli_reads_a_server_pid_and_refuses_a_bad_one(tmp_path):
+    from tests.test_benchmarks import parse
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with pytest.raises(Unavailable, match="cannot be read"):
+        serve_load.run(parse(["serve", "--addr", "127.0.0.1:1", "--server-pid", str(dead.pid)]))
+    with pytest.raises(BadInput, match=re.escape("--server-pid | only with --addr")):
+        serve_load.run(parse(["serve", "--model", "m", "--gallery", "g", "--server-pid", "1"]))
+
+
+# ---- the cuts ----------------------------------------------------------------------------------
+def test_loop_waker_runs_a_burst_in_order_with_one_wake_up():
+    from serve.service import _LoopWaker
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        waker = _LoopWaker(loop)
+        wakeups = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakeups.append(a), real(*a))[1]
+        got, where = [], set()
+        done = asyncio.Event()
+
+        def note(i):
+            got.append(i)
+            where.add(threading.get_ident())
+            if i == 9:
+                done.set()
+
+        t = threading.Thread(target=lambda: [waker.post(note, i) for i in range(10)])
+        t.start()
+        t.join()  # the loop is not running callbacks meanwhile: the whole burst is pending
+        await asyncio.wait_for(done.wait(), 10)
+        assert got == list(range(10)) and where == {threading.get_ident()}
+        assert len(wakeups) == 1
+        waker.post(note, 10)  # after a drain, the next post wakes the loop again
+        await asyncio.sleep(0.05)
+        assert got[-1] == 10 and len(wakeups) == 2
+
+    asyncio.run(main())
+
+
+def test_waker_of_a_closed_loop_drops_quietly():
+    from serve.service import _LoopWaker
+
+    loop = asyncio.new_event_loop()
+    waker = _LoopWaker(loop)
+    loop.close()
+    waker.post(print, "never")  # no exception: nobody waits on a closed loop
+    waker.post(print, "never")
+
+
+def test_reranked_search_on_arrays_equals_the_hit_path(tmp_path):
+    from serve.gallery import create_gallery
+    from serve.gallery.base import Gallery
+
+    rng = np.random.default_rng(4)
+    Z = np.tanh(rng.normal(size=(300, 16)) * 2).astype(np.float32)
+    Q = np.tanh(rng.normal(size=(20, 16)) * 2).astype(np.float32)
+    ids = [f"i{j}" for j in range(len(Z))]
+    with create_gallery(tmp_path / "g", "faiss-flat", 16, "m" * 64) as g:
+        g.upsert(ids, pack(Z), [{"n": str(j)} for j in range(len(Z))], Z)
+        g.upsert([f"code{j}" for j in range(5)], pack(Q[:5]))  # no activations: NaN rows
+        g.delete(ids[10:20])  # positions shift
+        cls = type(g)
+        for k, factor, md in ((5, 10, None), (10, 3, 6), (1, 1, None), (40, 10, 2)):
+            fast = g.search(pack(Q), k, md, Q, factor)
+            own = cls._search_reranked
+            cls._search_reranked = Gallery._search_reranked  # the fallback: Hits from _search, re-ranked
+            try:
+                slow = g.search(pack(Q), k, md, Q, factor)
+            finally:
+                cls._search_reranked = own
+            assert [[(h.id, h.distance, h.metadata) for h in hs] for hs in fast] == \
+                   [[(h.id, h.distance, h.metadata) for h in hs] for hs in slow]
+            np.testing.assert_array_equal([h.score for hs in fast for h in hs], [h.score for hs in slow for h in hs])
+        assert any(h.id.startswith("code") for hs in g.search(pack(Q[:5]), 5, None, Q[:5], 10) for h in hs)
