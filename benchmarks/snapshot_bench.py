@@ -244,7 +244,7 @@ def _restart_s(exp: Path, src: Path, scratch: Path, extra: list[str]) -> float:
 
 
 def _tiny_exp(work: Path) -> Path:
-    from tests.test_fuzz import build_tiny_exp  # the test suite's tiny real export
+    from benchmarks.tiny_exp import build_tiny_exp  # the test suite's tiny real export
 
     return build_tiny_exp(work / "tiny-exp")
 
@@ -377,7 +377,7 @@ def part_upserts(args, work: Path) -> dict[str, Any]:
     return {
         "config": {"upserts": args.upserts, "writers": args.writers, "every_records": policy.every_records,
                    "every_mb": policy.every_mb, "hard_factor": HARD_FACTOR, "restarts": args.restarts,
-                   "model": str(exp) if args.model else "tiny test export (tests/test_fuzz.build_tiny_exp)"},
+                   "model": str(exp) if args.model else "tiny test export (benchmarks/tiny_exp.build_tiny_exp)"},
         "results": {
             "elapsed_s": round(elapsed, 1), "upserts_per_s": round(len(acked) / elapsed, 1), "snapshots": snapshots,
             "final_info": {"size": final.size, "wal_records": final.wal_records, "wal_bytes": final.wal_bytes},

@@ -227,7 +227,7 @@ def test_gallery_of_the_previous_release_is_served(tmp_path):
     from benchmarks.soak import synthetic_images
     from serve.client import Item, RetrievalClient
     from serve.server import BackgroundServer, ServeConfig
-    from tests.test_fuzz import build_tiny_exp
+    from benchmarks.tiny_exp import build_tiny_exp
 
     exp = build_tiny_exp(tmp_path / "exp16", bits=16)
     gal = shutil.copytree(Path(__file__).parent / "data" / "gallery-v1-faiss-flat", tmp_path / "gal")
