@@ -3,7 +3,8 @@
 # so that the README's tables compare like with like; then regenerate RESULTS.md and the README's
 # generated blocks (`hashret bench report`).
 #
-#   bash benchmarks/rerun_all.sh                    # everything, about 75 min on 2 cores (two streams)
+#   bash benchmarks/rerun_all.sh                    # everything, about 80 min on 2 idle cores
+#   STREAMS=timing bash benchmarks/rerun_all.sh     # only the latency/throughput files (~30 min)
 #   HASHRET_RERUN_DIR=/scratch/rr bash benchmarks/rerun_all.sh
 #
 # Run it from a clean checkout (committed code): a result must name the commit that produced it.
@@ -42,13 +43,13 @@ step() {  # step NAME COMMAND...: one timed step, with the load it started under
     echo "== $name: $((SECONDS - t0)) s"
 }
 
-# Two streams share the sitting so that it fits in about 75 min on 2 cores: the timing stream
-# (latency and throughput) and the quality stream (mAP: the table, parity, the demo, the backbones).
-# The quality stream trains with one torch thread, so the timing stream runs next to one busy core:
-# every file records the load average it ran under, and they all ran under the same one.
-# Left out, and removed from the pages rather than kept stale: parity on the full split (~15 min;
-# the subset is what `hashret export` reports), and the 16-bit engine.json / serve.json runs that
-# the 64-bit effnet files supersede. SEQUENTIAL=1 runs the streams one after the other (~2 h).
+# Two streams: timing (latency and throughput) and quality (mAP: the table, parity, the demo, the
+# backbones). By default they run one after the other (about 80 min on 2 idle cores), so the
+# timings see a quiet machine. STREAMS="quality" (or "timing") runs one of them; PARALLEL=1 runs them
+# side by side (about 50 min): mAP does not depend on load, but timings then share the cores with
+# training, which every file's load average shows. Left out, and removed from the pages rather
+# than kept stale: parity on the full split (~15 min; the subset is what `hashret export` reports),
+# and the 16-bit engine.json / serve.json runs that the 64-bit effnet files supersede.
 
 timing_stream() {
     # The 64-bit DCH efficientnet-lite0 model of the headline figures (~1 min with the feature
@@ -115,22 +116,22 @@ quality_stream() {
 }
 
 mkdir -p "$W/logs"
-if [ "${SEQUENTIAL:-0}" = 1 ]; then
-    timing_stream
-    quality_stream
+STREAMS=${STREAMS:-timing quality}
+if [ "${PARALLEL:-0}" != 1 ]; then
+    for stream in $STREAMS; do "${stream}_stream"; done
 else
-    echo "timing stream log: $W/logs/timing.log; quality stream log: $W/logs/quality.log"
-    timing_stream >"$W/logs/timing.log" 2>&1 &
-    tpid=$!
-    quality_stream >"$W/logs/quality.log" 2>&1 &
-    qpid=$!
+    pids=()
+    for stream in $STREAMS; do
+        echo "$stream stream log: $W/logs/$stream.log"
+        "${stream}_stream" >"$W/logs/$stream.log" 2>&1 &
+        pids+=("$!")
+    done
     rc=0
-    wait "$tpid" || { rc=$?; echo "error: the timing stream failed (see $W/logs/timing.log)" >&2; }
-    wait "$qpid" || { rc=$?; echo "error: the quality stream failed (see $W/logs/quality.log)" >&2; }
+    for pid in "${pids[@]}"; do wait "$pid" || { rc=$?; echo "error: a stream failed (see $W/logs/)" >&2; }; done
     [ "$rc" = 0 ] || exit "$rc"
 fi
 
 # ---------------------------------------------------------------- the pages
-step "collect" cp "$R"/*.json benchmarks/results/
+step "collect" cp "$R"/*.json benchmarks/results/  # only what this sitting wrote
 step "report" hashret bench report
 step "report check" hashret bench report --check --fail-on-stale
