@@ -23,7 +23,7 @@ DATA_SKIP = "Grocery data not found: set HASHRET_DATA or place it at ../shared/d
 #: has CUDA, where a test of the CUDA-less path cannot run). Anything else is an install mistake.
 HARDWARE_SKIP = re.compile(
     r"(tensorrt (not installed|installed but no CUDA GPU visible|and a GPU are available here|is installed here)"
-    r"|no CUDA GPU visible|this onnxruntime has CUDA)\b"
+    r"|no CUDA GPU visible|needs a CUDA GPU|this onnxruntime has CUDA)\b"
 )
 
 
