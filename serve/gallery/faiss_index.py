@@ -683,11 +683,15 @@ class FaissGallery(Gallery):
         self._seq += 1
         self._apply_delete(ids)
 
-    def _search(self, queries, k):
+    def _scan(self, queries, k):
+        """The index's raw (distances, labels) for the k nearest, k capped at the gallery size."""
         index = self._ensure_index()
         k = min(k, self._n)
         self._prepare_search(index, k)
-        dist, labels = index.search(queries, k)
+        return index.search(queries, k)
+
+    def _search(self, queries, k):
+        dist, labels = self._scan(queries, k)
         out = []
         for drow, lrow in zip(dist, labels):
             # FAISS flat already orders ties by label (= insertion order); HNSW may not.
@@ -698,10 +702,7 @@ class FaissGallery(Gallery):
     def _search_reranked(self, queries, activations, k, r, max_distance):
         # A Hit with a copy of its metadata for each of the k * factor candidates cost more than
         # the search itself; the ranking is the one `_search` + rerank_order give (same ties).
-        index = self._ensure_index()
-        r = min(r, self._n)
-        self._prepare_search(index, r)
-        dist, labels = index.search(queries, r)
+        dist, labels = self._scan(queries, r)
         out = []
         for drow, lrow, qz in zip(dist, labels, activations):
             keep = lrow >= 0
