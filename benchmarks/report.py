@@ -664,6 +664,18 @@ def render_headline(docs: dict[str, dict | None]) -> str:
                          " / ".join(f"{by_c[c]['images_per_s']:.0f}" for c in hi) + " img/s, "
                          + ("no errors" if not errs else f"{errs} errors"),
                          met(bars[1]) if len(bars) > 1 else "", "serve-effnet-dch64.json"])
+        cpu = (by_c.get(16) or {}).get("server_cpu") or {}
+        rest = next((b for b in bars if "outside engine and decode" in b.get("name", "")), None)
+        if cpu.get("ms_per_request") is not None:
+            th = cpu.get("by_thread")
+            rows.append(["server CPU per request at concurrency 16 (from /proc; by thread: the threads' own "
+                         "time; echo: a bare grpc.aio server at the same rate and grouping)",
+                         f"{cpu['ms_per_request']:.2f} ms"
+                         + (f"; by thread: engine {th['engine_ms']:.2f}, decode {th['decode_ms']:.2f}, event loop "
+                            f"+ other {th['loop_ms'] + th['other_ms']:.2f}" if th else "")
+                         + (f"; echo {cpu['echo_same_pattern_ms_per_request']:.2f} ms"
+                            if cpu.get("echo_same_pattern_ms_per_request") is not None else ""),
+                         met(rest) if rest else "", "serve-effnet-dch64.json"])
     flat = docs["search-flat-1m.json"]
     if flat:
         for bar in flat.get("bars", []):

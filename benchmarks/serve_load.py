@@ -16,9 +16,13 @@ process's CPU time (user + system, all threads, from /proc) just before and afte
 requests, and splits the CPU per request into the engine (a same-run baseline of the engine
 alone, at the mean batch size the server formed), decoding (the same photos decoded alone) and
 the rest (gRPC, protobuf, hand-offs between threads, bookkeeping). CPU time, unlike latency,
-is not inflated by the load generator or other programs sharing the cores. The same load is
-then sent to a bare grpc.aio echo server (benchmarks.echo_server): its CPU per request is the
-floor Python gRPC puts under "the rest".
+is not inflated by the load generator or other programs sharing the cores. The same CPU is also
+read per thread (`by_thread`): `hashret serve` names its threads (serve.threadnames), so the
+engine's threads, the decode threads, the event loop and the others are seen apart, including
+what the engine spends inside the server beyond its baseline. The same load is then sent to a
+bare grpc.aio echo server (benchmarks.echo_server), once answering at once and once at each
+level's own rate in groups of its mean batch: its CPU per request is the floor Python gRPC puts
+under "the rest" for that traffic.
 """
 from __future__ import annotations
 
@@ -155,11 +159,13 @@ class ChildServer:
 class EchoChild:
     """benchmarks.echo_server in a child process on 127.0.0.1:<free port>, stopped with SIGTERM."""
 
-    def __init__(self, reply_bytes: int, start_timeout: float = 60.0):
+    def __init__(self, reply_bytes: int, start_timeout: float = 60.0, every_ms: float = 0.0, group: int = 1):
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "benchmarks.echo_server", "--port", str(self.port),
                     "--reply-bytes", str(int(reply_bytes))]
+        if every_ms > 0:  # answered in groups at a given rhythm (see benchmarks.echo_server)
+            self.cmd += ["--answer-every-ms", f"{every_ms:.3f}", "--answer-group", str(int(group))]
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
 
@@ -232,6 +238,58 @@ def process_cpu_seconds(pid: int) -> float:
     return (own + sum(t for t in live if t is not None)) / CLK_TCK
 
 
+def thread_cpu_ticks(pid: int) -> dict[int, tuple[str, int]]:
+    """{thread id: (OS thread name, user + system ticks)} of process `pid`'s live threads."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:  # ended since the listing
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")]
+        f = text.rsplit(")", 1)[1].split()
+        out[int(tid)] = (name, int(f[11]) + int(f[12]))
+    return out
+
+
+# OS thread names that `hashret serve` gives its threads (serve.threadnames) -> the part of the work
+THREAD_GROUPS = (("hashret-batcher", "engine"), ("hashret-engine", "engine"), ("hashret-decode", "decode"),
+                 ("hashret-gpu-dec", "decode"))
+
+
+def thread_groups(pid: int, before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]],
+                  total_s: float, requests: int) -> dict[str, Any] | None:
+    """A level's server CPU per request by the threads that spent it, in ms.
+
+    engine: the batcher thread and the engine library's workers; decode: the decode threads; loop:
+    the main thread (the asyncio loop: gRPC's Python side, request handling, searches answered on
+    the loop); other: the rest of the process's total (gRPC's C threads, gallery pool, snapshots,
+    metrics, child processes, threads that ended), so the four add up to the total. `threads`:
+    ms per request of each named thread outside engine and decode, for the curious.
+    """
+    if not requests or not after:
+        return None
+    groups = {"engine": 0, "decode": 0, "loop": 0}
+    named: dict[str, int] = {}
+    for tid, (name, ticks) in after.items():
+        spent = ticks - before.get(tid, (name, 0))[1]
+        group = "loop" if tid == pid else next((g for prefix, g in THREAD_GROUPS if name.startswith(prefix)), None)
+        if group is not None:
+            groups[group] += spent
+        if group in (None, "loop"):
+            key = "main (asyncio loop)" if tid == pid else name
+            named[key] = named.get(key, 0) + spent
+    ms = {g: t * 1e3 / CLK_TCK / requests for g, t in groups.items()}
+    ms["other"] = total_s * 1e3 / requests - sum(ms.values())
+    return {**{f"{g}_ms": round(v, 4) for g, v in ms.items()},
+            "threads": {k: round(t * 1e3 / CLK_TCK / requests, 4)
+                        for k, t in sorted(named.items(), key=lambda kv: -kv[1]) if t > 0}}
+
+
 def _load_avg() -> float | None:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
@@ -285,12 +343,15 @@ def cpu_split(row: dict[str, Any], baseline: dict[str, Any] | None, cores: int) 
 def format_cpu(row: dict[str, Any]) -> str:
     cpu, sp = row.get("server_cpu") or {}, row.get("cpu_split")
     la = f"load avg {row['load_avg_1m'][0]} -> {row['load_avg_1m'][1]}" if row.get("load_avg_1m") else ""
+    th = cpu.get("by_thread")
+    threads = (f"\n      by thread: engine {th['engine_ms']:.3f} + decode {th['decode_ms']:.3f} + loop "
+               f"{th['loop_ms']:.3f} + other {th['other_ms']:.3f}") if th else ""
     if sp:
         return (f"server CPU per request {sp['total_ms']:.3f} ms = engine {sp['engine_ms']:.3f} (mean batch "
                 f"{sp['mean_batch']}) + decode {sp['decode_ms']:.3f} + rest {sp['rest_ms']:.3f}; engine + decode "
                 f"allow {sp['ceiling_requests_per_s']:.0f} req/s on {sp['cores']} cores, achieved "
-                f"{row['requests_per_s']}; {la}")
-    return f"server CPU per request {cpu.get('ms_per_request', '-')} ms; {la}"
+                f"{row['requests_per_s']}; {la}{threads}")
+    return f"server CPU per request {cpu.get('ms_per_request', '-')} ms; {la}{threads}"
 
 
 # --------------------------------------------------------------------------- load
@@ -382,6 +443,7 @@ async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requ
         item_errors: dict[str, int] = {}
         load0 = _load_avg()
         cpu0 = process_cpu_seconds(server_pid) if server_pid else None
+        threads0 = thread_cpu_ticks(server_pid) if server_pid else {}
         t0 = time.perf_counter()
         deadline = t0 + seconds
 
@@ -407,6 +469,8 @@ async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requ
         elapsed = time.perf_counter() - t0
         # every request has its answer here, so the server's work for them is done
         cpu_s = process_cpu_seconds(server_pid) - cpu0 if server_pid else None
+        by_thread = thread_groups(server_pid, threads0, thread_cpu_ticks(server_pid), cpu_s, len(lat)) \
+            if server_pid else None
     finally:
         await asyncio.gather(*(c.close() for c in chans), return_exceptions=True)
     ok = len(lat)
@@ -419,7 +483,8 @@ async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requ
             "stopped_by": "requests" if issued >= max_requests else "time", **percentiles(lat),
             "load_avg_1m": [load0, _load_avg()],
             **({"server_cpu": {"pid": server_pid, "cpu_s": round(cpu_s, 3), "requests": ok,
-                               "ms_per_request": round(cpu_s * 1e3 / ok, 4) if ok else None}}
+                               "ms_per_request": round(cpu_s * 1e3 / ok, 4) if ok else None,
+                               **({"by_thread": by_thread} if by_thread else {})}}
                if server_pid else {})}
 
 
@@ -502,8 +567,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="with --addr: the server's process id on this machine, to read its CPU time per request "
                         "from /proc (default: the started server's with --model; none with --addr)")
     g.add_argument("--no-echo", action="store_true",
-                   help="skip the bare grpc.aio echo server that is sent the same load after the real one to "
-                        "give Python gRPC's own CPU per request (default: run it whenever server CPU is read)")
+                   help="skip the bare grpc.aio echo servers that are sent the same load after the real one "
+                        "(answering at once, and at the real server's rate in groups of its mean batch) to give "
+                        "Python gRPC's own CPU per request (default: run them whenever server CPU is read)")
     add_out_arg(p, "serve")
 
 
@@ -516,12 +582,16 @@ def report_table(doc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                      r["images_per_s"], f(r.get("p50_ms")), f(r.get("p90_ms")), f(r.get("p99_ms")),
                      ", ".join(f"{k}={v}" for k, v in r["errors"].items()) or "none"])
     if any("server_cpu" in r for r in doc.get("results", [])):  # runs that read the server's CPU time
-        head += ["CPU ms/req", "engine", "decode", "rest", "echo floor", "ceiling req/s", "load avg"]
+        head += ["CPU ms/req", "engine", "decode", "rest", "echo floor", "echo same rhythm", "loop+other threads",
+                 "ceiling req/s", "load avg"]
         for r, out in zip(doc["results"], rows):
             cpu, sp = r.get("server_cpu") or {}, r.get("cpu_split") or {}
+            th = cpu.get("by_thread") or {}
             la = r.get("load_avg_1m") or []
             out += [f(cpu.get("ms_per_request")), f(sp.get("engine_ms")), f(sp.get("decode_ms")),
-                    f(sp.get("rest_ms")), f(cpu.get("echo_ms_per_request")), sp.get("ceiling_requests_per_s", "-"),
+                    f(sp.get("rest_ms")), f(cpu.get("echo_ms_per_request")),
+                    f(cpu.get("echo_same_pattern_ms_per_request")),
+                    f(th["loop_ms"] + th["other_ms"]) if th else "-", sp.get("ceiling_requests_per_s", "-"),
                     "/".join(map(str, la)) or "-"]
     return head, rows
 
@@ -638,6 +708,14 @@ def overhead_bars(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> list[
                              f"{share:.0%} (target >= {THROUGHPUT_SHARE:.0%}){ceiling}"})
     sp = (cn or {}).get("cpu_split")
     if sp is not None:
+        cpu = cn.get("server_cpu") or {}
+        th, same = cpu.get("by_thread"), cpu.get("echo_same_pattern_ms_per_request")
+        seen = ""
+        if th:  # what the threads themselves spent: the engine's share in the server, not alone
+            seen += (f"; by thread: engine {th['engine_ms']:.2f}, decode {th['decode_ms']:.2f}, event loop + other "
+                     f"{th['loop_ms'] + th['other_ms']:.2f}")
+        if same is not None:
+            seen += f"; a bare grpc.aio server answering at the same rate in the same groups: {same:.2f}"
         bars.append({"name": f"server CPU per request outside engine and decode at concurrency {BAR_CONCURRENCY} "
                              f"<= {REST_CPU_MS} ms",
                      "measured": sp["rest_ms"], "target": REST_CPU_MS, "unit": "ms", "met": sp["rest_ms"] <= REST_CPU_MS,
@@ -645,8 +723,40 @@ def overhead_bars(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> list[
                              f"engine {sp['engine_ms']:.2f} + decode {sp['decode_ms']:.2f} + rest "
                              f"{sp['rest_ms']:.2f} (target rest <= {REST_CPU_MS} ms); {cn['requests_per_s']:.0f} "
                              f"req/s of the {sp['ceiling_requests_per_s']:.0f} that engine + decode allow on "
-                             f"{sp['cores']} cores"})
+                             f"{sp['cores']} cores{seen}"})
     return bars
+
+
+def answer_pattern(row: dict[str, Any]) -> tuple[float, int] | None:
+    """(every ms, group) in which a level's server answered: its mean batch, at its request rate."""
+    stages = row.get("stages") or {}
+    items, batches = (stages.get("inference_item") or {}).get("count"), (stages.get("inference_batch") or {}).get("count")
+    rate = row.get("requests_per_s")
+    if not items or not batches or not rate or row.get("images_per_request", 1) != 1:
+        return None
+    group = max(1, round(items / batches))
+    return 1e3 * group / rate, group
+
+
+def echo_same_pattern(rows: list[dict[str, Any]], images: list[bytes], reply_bytes: int, args) -> list[dict[str, Any]]:
+    """Each level's load again, on an echo server that answers at the level's rate in groups of its
+    mean batch (benchmarks.echo_server --answer-every-ms/--answer-group): Python gRPC's CPU per
+    request when requests come and go as they did for the real server, its loop asleep in between."""
+    out = []
+    for r in rows:
+        pattern = answer_pattern(r)
+        if pattern is None or "server_cpu" not in r:
+            continue
+        every_ms, group = pattern
+        print(f"  echo answering {group} every {every_ms:.1f} ms (concurrency {r['concurrency']}'s rhythm):")
+        with EchoChild(reply_bytes, every_ms=every_ms, group=group) as e:
+            er = run_load(e.addr, images, [r["concurrency"]], args.requests, args.seconds, args.k, "Echo",
+                          args.batch_items, args.channels, args.timeout, None, args.warmup, server_pid=e.proc.pid)[0]
+        er["answer_every_ms"], er["answer_group"] = round(every_ms, 3), group
+        er["command"] = machine.command_line(["python", *e.cmd[1:]])
+        r["server_cpu"]["echo_same_pattern_ms_per_request"] = er["server_cpu"]["ms_per_request"]
+        out.append(er)
+    return out
 
 
 def run(args) -> int:
@@ -718,6 +828,7 @@ def run(args) -> int:
             er = next((x for x in echo_rows if x["concurrency"] == r["concurrency"]), None)
             if er is not None and "server_cpu" in r:
                 r["server_cpu"]["echo_ms_per_request"] = er["server_cpu"]["ms_per_request"]
+        echo["same_pattern"] = echo_same_pattern(rows, images, reply_bytes, args)
     config = {"addr": addr, "started_server": started, "server_info": info, "images": img_desc,
               "concurrency": args.concurrency, "requests": args.requests, "seconds": args.seconds,
               "warmup": args.warmup, "channels": args.channels, "rpc": args.rpc, "batch_items": args.batch_items,

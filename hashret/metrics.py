@@ -436,9 +436,18 @@ def rerank_order(d, qz, Z) -> tuple[np.ndarray, np.ndarray]:
     R = len(d)
     if R == 0:
         return np.zeros(0, np.int64), np.zeros(0)
+    qn = math.sqrt(float((q * q).sum()))
+    if not np.isnan(Z).any():
+        # Every item has activations (the usual case; a served search runs this per request):
+        # the same arithmetic as below without the masks, so the same scores, bit for bit.
+        zn = np.sqrt((Z * Z).sum(axis=1))
+        dots = (Z * q).sum(axis=1)
+        denom = zn * qn
+        s = dots / denom if (denom > 0).all() else np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 0.0)
+        order = np.lexsort((np.arange(R), d, -s))
+        return order, s[order]
     has = ~np.isnan(Z).any(axis=1)
     Zh = np.where(has[:, None], Z, 0.0)
-    qn = math.sqrt(float((q * q).sum()))
     zn = np.sqrt((Zh * Zh).sum(axis=1))
     dots = (Zh * q).sum(axis=1)
     denom = zn * qn

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from hashret.errors import BadInput, HashretError, Overloaded
+from serve import threadnames
 
 log = logging.getLogger("hashret.serve.batcher")
 
@@ -196,6 +197,7 @@ class Batcher:
             return batch
 
     def _run(self) -> None:
+        threadnames.set_name(self._thread.name)  # so per-thread CPU reads show the engine's share
         while True:
             batch = self._collect()
             if batch is None:

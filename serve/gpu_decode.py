@@ -40,7 +40,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -52,6 +52,7 @@ from hashret.images import (
     load_image,
     resize_geometry,
 )
+from serve import threadnames
 
 log = logging.getLogger("hashret.serve.decode")
 
@@ -177,6 +178,42 @@ def cuda_device(device: str, what: str = "--decode"):
     return resolve_device(device, what)
 
 
+class DecodeCollector:
+    """Prometheus view of the live pair's GpuDecoder counters, read at scrape time.
+
+    `decoder_of()` returns the decoder now in use (it changes when a rollover promotes another
+    pair), or None. Nothing is reported for a server that decodes on the CPU.
+    """
+
+    def __init__(self, decoder_of: Callable[[], GpuDecoder | None]):
+        self._decoder_of = decoder_of
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        dec = self._decoder_of()
+        if dec is None:
+            return
+        stats, reasons = dec.counters()
+        images = CounterMetricFamily("hashret_decode_images", "images preprocessed by the GPU decoder's caller, "
+                                     "by where they were decoded (device, or the CPU routine)", labels=["on"])
+        images.add_metric(["device"], stats["gpu"])
+        images.add_metric(["cpu"], stats["cpu"])
+        yield images
+        why = CounterMetricFamily("hashret_decode_cpu_fallbacks", "images sent to the CPU routine instead of the "
+                                  "device decoder, by reason", labels=["reason"])
+        for reason, n in sorted(reasons.items()):
+            why.add_metric([reason], n)
+        yield why
+        yield CounterMetricFamily("hashret_decode_device_batches", "batches given to the device decoder",
+                                  value=stats["batches"])
+        yield CounterMetricFamily("hashret_decode_device_batch_splits", "device batches halved after a failure "
+                                  "(an image the device refused, or out of memory)", value=stats["split"])
+
+
 class GpuDecoder:
     """Decode + resize + crop of JPEGs on a torch device, batched across the calling threads.
 
@@ -230,6 +267,11 @@ class GpuDecoder:
                            f"limit of {self.max_pixels} (--max-pixels): downscale it")
         return hdr.reason
 
+    def counters(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Copies of (stats, CPU fallbacks by reason), consistent with each other."""
+        with self._stats_lock:
+            return dict(self.stats), dict(self.fallbacks)
+
     def _count(self, key: str, why: str | None = None) -> None:
         with self._stats_lock:
             self.stats[key] += 1
@@ -240,6 +282,7 @@ class GpuDecoder:
 
     # ---- the worker --------------------------------------------------------------------------
     def _run(self) -> None:
+        threadnames.name_current()  # "hashret-gpu-dec": its CPU counts as decoding in bench serve
         while True:
             item = self._queue.get()
             if item is None:

@@ -34,8 +34,10 @@ from grpc_reflection.v1alpha import reflection
 from hashret.errors import ArtifactMismatch, BadInput, MissingArtifact, Unavailable
 from hashret.images import PreprocessSpec
 from hashret.manifest import versions
+from serve import threadnames
 from serve._proto import retrieval_pb2_grpc as pb_grpc
 from serve.batcher import Batcher
+from serve.gpu_decode import DecodeCollector
 from serve.service import Limits, RetrievalService, exp_summary
 from serve.servicer import SERVICE_NAME, RetrievalServicer
 from serve.snapshots import SnapshotCollector, SnapshotPolicy, Snapshotter
@@ -353,6 +355,7 @@ def _open_parts(cfg: ServeConfig, engine=None):
             spec = PreprocessSpec.from_dict(manifest["preprocessing"])
         except (KeyError, TypeError, ValueError):
             raise BadInput(f"{cfg.model}/manifest.json | lacks preprocessing: re-export it") from None
+        before = threadnames.thread_ids()
         if engine is None:
             # each runner names its thread option its own way; its registry entry says which
             opts = backend_spec(cfg.backend).thread_options(cfg.engine_threads)
@@ -360,6 +363,7 @@ def _open_parts(cfg: ServeConfig, engine=None):
         elif int(engine.bits) != bits:  # one handed in was not opened from this EXP's manifest
             raise BadInput(f"engine | outputs {engine.bits} bits, {cfg.model} says {bits}")
         _warm_up(engine, spec, cfg.model, bits)
+        threadnames.name_new(before, "hashret-engine")  # its thread pools, started by now
     except BaseException:
         gallery.close()
         raise
@@ -494,6 +498,8 @@ class HashretServer:
             raise Unavailable(f"--port {cfg.port} | cannot listen on {addr}: is another server running?")
         self.tls = creds is not None
         self.metrics.bind(lambda: self.pairs.live.batcher.depth, lambda: self.pairs.live.gallery.size)
+        # --decode cuda: where images were decoded, fallbacks by reason, batch splits (nothing on the CPU path)
+        self.metrics.registry.register(DecodeCollector(lambda: self.pairs.live.decoder))
         self.metrics_port = None
         self._stopped = asyncio.Event()
         self._stopping = False

@@ -26,6 +26,7 @@ from hashret import codes as hcodes
 from hashret.errors import BadInput, HashretError
 from hashret.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PreprocessSpec, load_image
 from hashret.metrics import RERANK_FACTOR
+from serve import threadnames
 from serve.batcher import Batcher, Expired
 from serve.stages import NULL_STAGES, Stages
 
@@ -66,6 +67,12 @@ class UpsertEntry:
     image: bytes | None = None
     code: bytes | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _gallery_thread() -> None:
+    """Initializer of the gallery pool's threads: one OpenMP thread, and an OS thread name."""
+    _single_omp_thread()
+    threadnames.name_current()
 
 
 def _single_omp_thread() -> None:
@@ -186,12 +193,13 @@ class RetrievalService:
         self.batcher = batcher
         self.limits = limits
         self.bits = int(engine.bits)
-        self._decode_pool = ThreadPoolExecutor(max(1, int(decode_threads)), thread_name_prefix="hashret-decode")
+        self._decode_pool = ThreadPoolExecutor(max(1, int(decode_threads)), thread_name_prefix="hashret-decode",
+                                               initializer=threadnames.name_current)
         # --decode cuda: a serve.gpu_decode.GpuDecoder that the decode threads call instead of
         # load_image (it batches them onto the GPU); None decodes on the CPU. Closed with the service.
         self._decoder = decoder
         # Gallery calls are short but may block (fsync, Milvus RPC); the gallery has its own lock.
-        self._gallery_pool = ThreadPoolExecutor(2, thread_name_prefix="hashret-gallery", initializer=_single_omp_thread)
+        self._gallery_pool = ThreadPoolExecutor(2, thread_name_prefix="hashret-gallery", initializer=_gallery_thread)
         self._info = info or {}
         # Background snapshots keep a FAISS gallery's WAL bounded (serve.snapshots); off when None.
         self.snapshots = snapshots
@@ -206,6 +214,11 @@ class RetrievalService:
         if self.rerank_factor and not gallery.has_activations:
             log.info("gallery %s | stores no activations: searches are not re-ranked (--rerank-factor %d has "
                      "no effect); rebuild it with hashret index build to re-rank", gallery.path, self.rerank_factor)
+
+    @property
+    def decoder(self):
+        """The serve.gpu_decode.GpuDecoder of --decode cuda, or None (CPU decoding)."""
+        return self._decoder
 
     # ---- validation --------------------------------------------------------------------
     def check_k(self, k) -> int:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import grpc
 
@@ -42,11 +43,36 @@ def _deadline(context) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _hit(h: Hit) -> pb.Hit:
-    score = getattr(h, "score", None)
-    if score is None or score != score:  # not re-ranked, or an item without activations (NaN)
-        return pb.Hit(id=h.id, distance=int(h.distance), metadata=h.metadata)
-    return pb.Hit(id=h.id, distance=int(h.distance), metadata=h.metadata, score=score)
+class _HitProtos:
+    """Answers' pb.Hit messages, each copied from a cached one that holds the item's id and metadata.
+
+    Filling a protobuf map from a dict is most of the cost of an answer (about 4 us a hit against
+    1 us for a copy), and the same items come back again and again. The key holds the metadata
+    itself, so an upsert that changes it simply misses; the cache is emptied when it is full.
+    Used from the event loop's thread only.
+    """
+
+    MAX_ITEMS = 20_000
+
+    def __init__(self):
+        self._by_item: dict[tuple, pb.Hit] = {}
+
+    def fill(self, out, hits: Sequence[Hit]) -> None:
+        """Append a pb.Hit for each gallery Hit to the repeated field `out`."""
+        cache = self._by_item
+        for h in hits:
+            key = (h.id, *h.metadata.items())
+            proto = cache.get(key)
+            if proto is None:
+                if len(cache) >= self.MAX_ITEMS:
+                    cache.clear()
+                proto = cache[key] = pb.Hit(id=h.id, metadata=h.metadata)
+            m = out.add()
+            m.CopyFrom(proto)
+            m.distance = int(h.distance)
+            score = getattr(h, "score", None)
+            if score is not None and not math.isnan(score):  # unset: not re-ranked, or no activations (NaN)
+                m.score = score
 
 
 def _gallery_info(g: dict, size: int) -> pb.GalleryInfo:
@@ -66,6 +92,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                  pairs=None):
         self._service = service
         self._observe = observe
+        self._hits = _HitProtos()
         self.in_flight = 0
         # serve.pairs.Pairs: which model answers (rollover); each request holds the pair it was admitted on
         self.pairs = pairs
@@ -114,7 +141,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             if self.pairs is not None and self.pairs.shadow is not None:  # after answering, off the hot path
                 self.pairs.shadow.offer(self.pairs, request.image, request.k, md, [h.id for h in hits],
                                         rerank_factor=factor)
-            return pb.SearchResponse(hits=[_hit(h) for h in hits], model_id=svc.model_id)
+            resp = pb.SearchResponse(model_id=svc.model_id)
+            self._hits.fill(resp.hits, hits)
+            return resp
 
         return await self._call("Search", context, work)
 
@@ -133,7 +162,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                     c = status_code(r)
                     out.append(pb.SearchResult(error=pb.ItemError(code=c.value[0], status=c.name, message=str(r))))
                 else:
-                    out.append(pb.SearchResult(hits=pb.HitList(hits=[_hit(h) for h in r])))
+                    res = pb.SearchResult(hits=pb.HitList())
+                    self._hits.fill(res.hits.hits, r)
+                    out.append(res)
             return pb.SearchBatchResponse(results=out, model_id=svc.model_id)
 
         return await self._call("SearchBatch", context, work)

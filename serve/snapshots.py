@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from hashret.errors import BadInput, HashretError
+from serve import threadnames
 
 log = logging.getLogger("hashret.snapshots")
 
@@ -143,6 +144,7 @@ class Snapshotter:
         return max(0.0, self._failed_at + RETRY_S - time.monotonic())
 
     def _run(self) -> None:
+        threadnames.name_current()
         while True:
             self._wake.wait(self._retry_in())
             self._wake.clear()

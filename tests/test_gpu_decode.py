@@ -133,6 +133,32 @@ def test_fallbacks_are_the_cpu_routine_exactly(photos, dec):
     assert set(dec.fallbacks) == {"EXIF orientation", "CMYK/YCCK", "not a JPEG", "grayscale"}
 
 
+def test_counters_reach_prometheus(photos, dec):
+    """`hashret serve --decode cuda` registers DecodeCollector: where images were decoded, the
+    fallbacks by reason and the batch splits, read from the live decoder at scrape time."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from serve.gpu_decode import DecodeCollector
+
+    live = {"decoder": None}
+    reg = CollectorRegistry()
+    reg.register(DecodeCollector(lambda: live["decoder"]))
+    assert b"hashret_decode" not in generate_latest(reg)  # no GPU decoder: nothing to report
+    live["decoder"] = dec
+    img = Image.open(io.BytesIO(photos[2]))
+    for data in (photos[0], photos[1], jpeg(img.convert("CMYK")), jpeg(img.convert("L")), jpeg(img.convert("L"))):
+        dec(data)
+    dec.decode_batch(photos[:3] + [truncated(photos[3])])
+    text = generate_latest(reg).decode()
+    assert 'hashret_decode_images_total{on="device"} 2.0' in text
+    assert 'hashret_decode_images_total{on="cpu"} 3.0' in text
+    assert 'hashret_decode_cpu_fallbacks_total{reason="grayscale"} 2.0' in text
+    assert 'hashret_decode_cpu_fallbacks_total{reason="CMYK/YCCK"} 1.0' in text
+    batches, splits = dec.counters()[0]["batches"], dec.counters()[0]["split"]
+    assert splits >= 2 and f"hashret_decode_device_batch_splits_total {float(splits)}" in text
+    assert f"hashret_decode_device_batches_total {float(batches)}" in text
+
+
 def test_limits_are_checked_before_the_device(photos, dec):
     big = jpeg(Image.new("RGB", (5000, 4100), (1, 2, 3)))  # 20.5 MP in a small file
     with pytest.raises(BadInput, match=r"huge \| 5000x4100 = 20500000 pixel count exceeds the limit of 20000000"):

@@ -63,6 +63,27 @@ def test_item_without_activations_and_nothing_closer_stays_first():
     assert order.tolist() == [0, 1]
 
 
+def test_shortlists_with_and_without_a_nan_row_rank_alike():
+    """Shortlists where every item has activations take a shorter path through rerank_order; one
+    item without them, appended farthest, sends the same shortlist through the general path. The
+    others' order and scores must not change by a bit (ties, zero rows and a zero query included)."""
+    rng = np.random.default_rng(3)
+    for t in range(400):
+        R, bits = int(rng.integers(1, 60)), 32
+        Z = rng.standard_normal((R, bits)).astype(np.float16)
+        if t % 4 == 0:
+            Z[rng.integers(0, R)] = 0
+        if t % 5 == 0:
+            Z = np.round(Z)  # equal cosines: ties broken by the Hamming order
+        q = np.zeros(bits) if t % 9 == 0 else rng.standard_normal(bits)
+        d = np.sort(rng.integers(0, 12, R))
+        fast_order, fast_scores = rerank_order(d, q, Z)
+        order, scores = rerank_order(np.append(d, 99), q, np.vstack([Z, np.full((1, bits), np.nan, np.float16)]))
+        assert order[-1] == R and np.isnan(scores[-1])
+        assert order[:-1].tolist() == fast_order.tolist()
+        assert np.array_equal(scores[:-1], fast_scores)
+
+
 def test_rerank_size():
     assert rerank_size(10, 10, 1000) == 100
     assert rerank_size(10, 10, 50) == 50

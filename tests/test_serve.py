@@ -259,6 +259,24 @@ def test_gallery_image_is_found_at_distance_zero(client, data):
     assert hits[0].id == Path(db[7].path).relative_to(splits.root).as_posix() and hits[0].distance == 0
 
 
+def test_server_threads_carry_os_names(client, data):
+    """The batcher, decode, snapshot and engine threads have OS names (serve.threadnames), which
+    is how `hashret bench serve` splits the server's CPU time by thread."""
+    import os
+
+    _, _, queries = data
+    client.search(Path(queries[0]).read_bytes(), k=3)  # the decode pool starts its threads lazily
+    names = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            names.add(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        except OSError:
+            pass
+    assert {"hashret-batcher", "hashret-decode_", "hashret-snapsho"} <= names, names
+    if (os.cpu_count() or 1) > 1:  # ONNX Runtime starts intra-op threads only with more than one core
+        assert "hashret-engine" in names, names
+
+
 def test_64_concurrent_clients_match_sequential(server, client, data):
     queries = data[2]
     sequential = [as_pairs(client.search(q, k=5)) for q in queries]

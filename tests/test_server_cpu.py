@@ -194,3 +194,95 @@ def test_reranked_search_on_arrays_equals_the_hit_path(tmp_path):
                    [[(h.id, h.distance, h.metadata) for h in hs] for hs in slow]
             np.testing.assert_array_equal([h.score for hs in fast for h in hs], [h.score for hs in slow for h in hs])
         assert any(h.id.startswith("code") for hs in g.search(pack(Q[:5]), 5, None, Q[:5], 10) for h in hs)
+
+
+# ---- CPU by thread ---------------------------------------------------------------------------
+def test_threads_are_grouped_by_their_os_names_and_add_up_to_the_total():
+    pid = 100
+    before = {100: ("hashret", 10), 101: ("hashret-batcher", 5), 102: ("hashret-engine", 0),
+              103: ("hashret-decode_", 7), 104: ("event_engine", 1)}
+    after = {100: ("hashret", 30), 101: ("hashret-batcher", 45), 102: ("hashret-engine", 20),
+             103: ("hashret-decode_", 37), 104: ("event_engine", 6), 105: ("hashret-decode_", 3)}  # 105: new
+    tick_ms = 1e3 / serve_load.CLK_TCK
+    total_s = 140 * tick_ms / 1e3  # 5 ticks more than the live threads show: a thread that ended
+    g = serve_load.thread_groups(pid, before, after, total_s, requests=10)
+    assert g["engine_ms"] == pytest.approx(60 * tick_ms / 10)
+    assert g["decode_ms"] == pytest.approx(33 * tick_ms / 10)
+    assert g["loop_ms"] == pytest.approx(20 * tick_ms / 10)
+    assert g["other_ms"] == pytest.approx(27 * tick_ms / 10)  # event_engine's 5 + the 22 no live thread shows
+    assert sum(g[k] for k in ("engine_ms", "decode_ms", "loop_ms", "other_ms")) == pytest.approx(total_s * 1e3 / 10)
+    assert list(g["threads"]) == ["main (asyncio loop)", "event_engine"]
+    assert serve_load.thread_groups(pid, before, after, total_s, requests=0) is None
+
+
+def test_cpu_of_named_threads_is_read_from_proc():
+    import os
+    import time
+
+    from serve import threadnames
+
+    stop = threading.Event()
+
+    def burn():
+        threadnames.set_name("hashret-decode_9")
+        while not stop.is_set():
+            sum(range(1000))
+
+    before = serve_load.thread_cpu_ticks(os.getpid())
+    t = threading.Thread(target=burn)
+    t.start()
+    try:
+        time.sleep(0.5)
+        after = serve_load.thread_cpu_ticks(os.getpid())
+    finally:
+        stop.set()
+        t.join()
+    assert after[t.native_id][0] == "hashret-decode_"  # the kernel keeps 15 bytes
+    g = serve_load.thread_groups(os.getpid(), before, after, 10.0, requests=1)
+    assert g["decode_ms"] > 0
+
+
+def test_echo_answers_in_groups_at_its_rhythm():
+    # 6 requests at once, answered 2 every 150 ms: the last two leave two ticks after the first two
+    # (ticks run from the server's start, so the first one comes 0-150 ms after the requests). A
+    # lower bound, which no slow machine can break; and they are never answered all at once
+    images = serve_load.synthetic_images(2)
+    with serve_load.EchoChild(reply_bytes=100, every_ms=150, group=2) as echo:
+        rows = serve_load.run_load(echo.addr, images, concurrency=[6], max_requests=6, seconds=60, rpc="Echo",
+                                   warmup=0, channels=1, server_pid=echo.proc.pid, progress=lambda *_: None)
+    r = rows[0]
+    assert r["ok"] == 6 and r["max_ms"] >= 2 * 150 * 0.95
+    assert r["min_ms"] < r["max_ms"] - 150
+
+
+def test_echo_takes_the_rhythm_of_the_server_level():
+    row = {"requests_per_s": 200.0, "images_per_request": 1,
+           "stages": {"inference_item": {"count": 760}, "inference_batch": {"count": 100}}}
+    every_ms, group = serve_load.answer_pattern(row)
+    assert group == 8 and every_ms == pytest.approx(40.0)  # 8 answers every 40 ms = 200 per second
+    assert serve_load.answer_pattern({**row, "stages": {}}) is None
+    assert serve_load.answer_pattern({**row, "images_per_request": 8}) is None
+
+
+
+def test_cached_hit_protos_follow_changed_metadata_and_scores():
+    from serve._proto import retrieval_pb2 as pb
+    from serve.gallery import Hit
+    from serve.servicer import _HitProtos
+
+    cache = _HitProtos()
+
+    def answer(hits):
+        resp = pb.SearchResponse()
+        cache.fill(resp.hits, hits)
+        return [(h.id, h.distance, dict(h.metadata), h.score if h.HasField("score") else None) for h in resp.hits]
+
+    first = answer([Hit("a", 3, {"label": "1"}, 0.5), Hit("b", 4, {}, float("nan")), Hit("c", 5, {"x": "y"})])
+    assert first == [("a", 3, {"label": "1"}, 0.5), ("b", 4, {}, None), ("c", 5, {"x": "y"}, None)]
+    # the same item again, at another distance and with its metadata changed by an upsert
+    assert answer([Hit("a", 7, {"label": "2"}, 0.25)]) == [("a", 7, {"label": "2"}, 0.25)]
+    assert answer([Hit("a", 1, {"label": "1"})]) == [("a", 1, {"label": "1"}, None)]
+    cache.MAX_ITEMS = 2  # full: emptied, and still right
+    assert answer([Hit(f"i{n}", n, {"n": str(n)}) for n in range(5)]) == [
+        (f"i{n}", n, {"n": str(n)}, None) for n in range(5)]
+    assert len(cache._by_item) <= 2

@@ -382,6 +382,8 @@ class Gallery(abc.ABC):
                 f"{what} | shape {list(Z.shape)}, expected [{n}, {self._bits}]: one row of {self._bits} "
                 f"activations per code, from the gallery's model"
             )
+        if np.isfinite(Z).all():  # the usual case, one pass (a search checks its query's row)
+            return Z
         nan = np.isnan(Z)
         rows = nan.any(axis=1)
         if np.isinf(Z).any() or (~nan[rows]).any() or (rows.any() and not allow_nan):

@@ -712,8 +712,9 @@ class FaissGallery(Gallery):
             o = np.lexsort((p, d))  # by distance, ties by insertion order
             d, p = d[o], p[o]
             order, scores = rerank_order(d, qz, self._zbuf[p])
-            out.append([Hit(self._ids_list[p[i]], int(d[i]), dict(self._meta[p[i]]), float(sc))
-                        for i, sc in zip(order[:k], scores[:k])])
+            top = order[:k]
+            out.append([Hit(self._ids_list[pi], di, dict(self._meta[pi]), sc)
+                        for pi, di, sc in zip(p[top].tolist(), d[top].tolist(), scores[:k].tolist())])
         return out
 
     def _cheap(self, n_queries, k):
