@@ -24,12 +24,13 @@
 # MAX_SECONDS (4), SEARCH_SIZES (10000000,100000000), SEARCH_QUERIES (100), SEARCH_METHODS
 # (cupy-popc,torch-lut,torch-swar), IMAGES (JPEG folder of class sub-folders for the served path;
 # default: EXP/../images when there), GALLERY_KIND (default: a GPU kind when one is registered,
-# else faiss-flat when faiss is installed), SERVE_CONCURRENCY (1,16,64), SERVE_SECONDS (8),
+# else faiss-flat when faiss is installed), SERVE_CONCURRENCY (1,16,64), SERVE_SECONDS (8), SERVE_ECHO
+# (1: also the bare gRPC echo floors of `bench serve`, two more runs per level),
 # STEP_TIMEOUT (300), SKIP (step groups to skip: engine cpu search check serve), ALLOW_NO_GPU=1
 # (no GPU here: run every step on the CPU with small sizes, to prove paths, imports and arguments).
 set -uo pipefail
 
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 if [ $# -lt 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then usage; exit 2; fi
 
 ORIG=$PWD
@@ -190,6 +191,8 @@ PYEOF
   [ -f "$gal/manifest.json" ] || { skip serve-load "the gallery was not built"; return; }
   local load=(bench serve --model "$EXP" --gallery "$gal" --concurrency "$SERVE_CONCURRENCY" --seconds "$SERVE_SECONDS"
               --requests 100000 --images "$IMAGES")
+  # the echo floors add two load runs per level: off unless asked for, to keep the run short
+  [ "${SERVE_ECHO:-0}" = 1 ] || load+=(--no-echo)
   step serve-cpu-decode "$RES/gpu-serve-cpu-decode.json" "${HB[@]}" "${load[@]}" \
     --server-args "--backend torch --device $DEV" --out "$RES/gpu-serve-cpu-decode.json"
   if "${HB[@]}" serve --help 2>/dev/null | grep -q -- '--decode '; then

@@ -161,6 +161,55 @@ class _Job:
             self.done.set_result(row)
 
 
+class _SearchTurn:
+    """The searches asked for in one turn of an event loop, made as one gallery call per kind of
+    search (k, max_distance, re-ranking factor).
+
+    The batcher answers a whole batch at once, so its requests resume in the same turn of the
+    loop and each asks for a search. One call for all of them pays the per-call costs (argument
+    checks, the gallery lock, the index call itself, the thread hop of a large gallery) once, and
+    an index that scans for all its queries in one pass (a GPU scan, a Milvus request) does so.
+    Every index kind answers each query of a call as it would alone (tests/test_gallery.py).
+    """
+
+    __slots__ = ("_loop", "_pending", "_service")
+
+    def __init__(self, service: "RetrievalService", loop: asyncio.AbstractEventLoop):
+        self._service = service
+        self._loop = loop
+        self._pending: list[tuple] = []
+
+    def search(self, code: np.ndarray, k: int, max_distance: int | None, z: np.ndarray | None,
+               factor: int) -> asyncio.Future:
+        fut = self._loop.create_future()
+        if not self._pending:  # runs after every callback already due in this turn
+            self._loop.call_soon(self._flush)
+        self._pending.append((code, z, k, max_distance, factor, fut))
+        return fut
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        groups: dict[tuple, list[tuple]] = {}
+        for item in pending:
+            if not item[5].done():  # a cancelled caller's search is not made
+                groups.setdefault((item[2], item[3], item[4], item[1] is not None), []).append(item)
+        for (k, max_distance, factor, with_z), items in groups.items():
+            self._service._search_group(items, k, max_distance, factor, with_z)
+
+
+def _answer(items: list[tuple], hits: list | None, error: BaseException | None = None) -> None:
+    for n, item in enumerate(items):
+        fut = item[5]
+        if fut.done():
+            continue
+        if isinstance(error, asyncio.CancelledError):
+            fut.cancel()
+        elif error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(hits[n])
+
+
 class RetrievalService:
     """One model + one gallery behind a dynamic batcher.
 
@@ -205,6 +254,7 @@ class RetrievalService:
         self.snapshots = snapshots
         self._inline_threads: set[int] = set()
         self._wakers: dict[asyncio.AbstractEventLoop, _LoopWaker] = {}  # one per loop that awaits images
+        self._turns: dict[asyncio.AbstractEventLoop, _SearchTurn] = {}  # one per loop that searches
         # per-stage latency histograms and spans (serve.stages); the server passes its own
         self.stages = stages or NULL_STAGES
         self._closed = False
@@ -366,16 +416,49 @@ class RetrievalService:
 
     async def _search_code(self, code: np.ndarray, k: int, max_distance: int | None,
                            z: np.ndarray | None = None, factor: int = 0) -> list[Hit]:
+        """The hits of one packed code [1, bits/8], searched together with the others of this
+        turn of the loop (_SearchTurn)."""
+        loop = asyncio.get_running_loop()
+        turn = self._turns.get(loop)
+        if turn is None:
+            turn = self._turns[loop] = _SearchTurn(self, loop)
+        return await turn.search(code, k, max_distance, z, factor)
+
+    def _search_group(self, items: list[tuple], k: int, max_distance: int | None, factor: int,
+                      with_z: bool) -> None:
+        """One gallery call for `items` (code, z, ..., future) that share k, max_distance and factor."""
         # A small in-memory search (tens of microseconds) is answered here: handing it to a
         # thread and back costs more. Large, busy or remote galleries go to the pool.
         if threading.get_ident() not in self._inline_threads:
             _single_omp_thread()  # FAISS in the loop thread: no OpenMP team either
             self._inline_threads.add(threading.get_ident())
-        hits = self.gallery.search_nowait(code, k, max_distance, z, factor)
-        if hits is None:
-            loop = asyncio.get_running_loop()
-            hits = await loop.run_in_executor(self._gallery_pool, self.gallery.search, code, k, max_distance, z, factor)
-        return hits[0]
+        codes = items[0][0] if len(items) == 1 else np.concatenate([it[0] for it in items])
+        zs = None
+        if with_z:
+            zs = items[0][1] if len(items) == 1 else np.concatenate([it[1] for it in items])
+        try:
+            hits = self.gallery.search_nowait(codes, k, max_distance, zs, factor)
+        except BaseException as e:  # noqa: BLE001 - each waiter hears about it
+            _answer(items, None, e)
+            return
+        if hits is not None:
+            _answer(items, hits)
+            return
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled():
+                _answer(items, None, asyncio.CancelledError())
+            elif f.exception() is not None:
+                _answer(items, None, f.exception())
+            else:
+                _answer(items, f.result())
+
+        try:
+            job = self._gallery_pool.submit(self.gallery.search, codes, k, max_distance, zs, factor)
+        except RuntimeError as e:  # the pool is shut down: the service is closing
+            _answer(items, None, e)
+            return
+        asyncio.wrap_future(job).add_done_callback(done)
 
     async def search(self, image: bytes, k, max_distance=None, deadline: float | None = None, name: str = "image",
                      rerank_factor=None) -> list[Hit]:

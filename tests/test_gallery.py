@@ -179,6 +179,33 @@ def test_search_nowait_answers_only_when_cheap_and_free(make, kind, monkeypatch)
         assert g.search_nowait(q[:1], 5) is not None
 
 
+@pytest.mark.parametrize("kind", [*KINDS, "torch-flat"])
+def test_queries_in_one_call_are_answered_as_alone(make, kind):
+    """The server searches the queries of one event-loop turn in one call (serve.service.
+    _SearchTurn), so every kind must answer each query of a call exactly as it answers it alone:
+    same ids, distances, metadata and re-ranking scores, ties and max_distance included."""
+    opts = {"device": "cpu"} if kind == "torch-flat" else {}
+    g = make(kind, **opts)
+    rng = np.random.default_rng(11)
+    base = rand_codes(40, seed=12)
+    codes = np.concatenate([base, base, base[:20]])  # many exact ties
+    ids = [f"i{n}" for n in range(len(codes))]
+    acts = rng.standard_normal((len(codes), BITS)).astype(np.float32)
+    g.upsert(ids, codes, [{"n": str(n)} for n in range(len(codes))], acts)
+    queries = np.concatenate([base[:5] ^ np.uint8(3), rand_codes(3, seed=13)])
+    qz = rng.standard_normal((len(queries), BITS)).astype(np.float32)
+
+    def view(results):
+        return [[(h.id, h.distance, h.metadata, getattr(h, "score", None)) for h in hits] for hits in results]
+
+    for k, md, factor in ((7, None, 0), (7, 28, 0), (5, None, 10), (3, 30, 4)):
+        z = qz if factor else None
+        together = g.search(queries, k, md, z, factor)
+        alone = [g.search(queries[i:i + 1], k, md, None if z is None else z[i:i + 1], factor)[0]
+                 for i in range(len(queries))]
+        assert view(together) == view(alone), (k, md, factor)
+
+
 def test_hnsw_recall_vs_flat(make):
     """Clustered codes (like real image hashes); recall counts tied distances as hits."""
     rng = np.random.default_rng(6)

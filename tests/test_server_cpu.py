@@ -196,6 +196,73 @@ def test_reranked_search_on_arrays_equals_the_hit_path(tmp_path):
         assert any(h.id.startswith("code") for hs in g.search(pack(Q[:5]), 5, None, Q[:5], 10) for h in hs)
 
 
+def test_searches_of_one_loop_turn_share_one_gallery_call(tmp_path_factory, monkeypatch):
+    """Requests that resume in the same turn of the event loop (a batch's answers) are searched with
+    one gallery call per (k, max_distance, factor); each gets what a search of its own would give;
+    a caller that stopped waiting is left out; a gallery too big for the loop is searched in the
+    pool the same way; a failing call fails each of its searches."""
+    from hashret.engines import open_engine
+    from hashret.images import PreprocessSpec
+    from hashret.manifest import load_manifest
+    from serve.batcher import Batcher
+    from serve.gallery import open_gallery
+    from serve.service import RetrievalService
+    from tests.test_fuzz import build_gallery, model_id_of, shared_exp
+
+    exp = shared_exp(tmp_path_factory)
+    gal_dir = build_gallery(exp, tmp_path_factory.mktemp("turn") / "gal", n=24)
+    engine = open_engine(exp, "ort", "cpu")
+    gal = open_gallery(gal_dir)
+    spec = PreprocessSpec.from_dict(load_manifest(exp, kind="export")["preprocessing"])
+    svc = RetrievalService(engine, gal, model_id=model_id_of(exp), spec=spec,
+                           batcher=Batcher(engine.encode, max_batch=8))
+    calls = []
+    nowait = gal.search_nowait
+
+    def counted(q, *a):
+        calls.append(len(q))
+        return nowait(q, *a)
+
+    monkeypatch.setattr(gal, "search_nowait", counted)
+    rng = np.random.default_rng(5)
+    Z = np.tanh(rng.normal(size=(9, engine.bits)) * 2).astype(np.float32)
+    codes = [pack(z[None]) for z in Z]
+    asks = [(5, None, 10)] * 5 + [(3, None, 0)] * 3 + [(4, 20, 10)]
+
+    async def turn(cancel_one=False):
+        tasks = [asyncio.ensure_future(svc._search_code(codes[i], k, md, Z[i][None], f))
+                 for i, (k, md, f) in enumerate(asks)]
+        await asyncio.sleep(0)  # every task has asked for its search: one flush is due
+        if cancel_one:
+            tasks[1].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        got = asyncio.run(turn())
+        assert sorted(calls) == [1, 3, 5]  # three kinds of search, one call each
+        for i, (k, md, f) in enumerate(asks):
+            alone = gal.search(codes[i], k, md, Z[i][None], f)[0]
+            assert [(h.id, h.distance, h.score) for h in got[i]] == [(h.id, h.distance, h.score) for h in alone]
+        calls.clear()
+        got2 = asyncio.run(turn(cancel_one=True))
+        assert isinstance(got2[1], asyncio.CancelledError) and sorted(calls) == [1, 3, 4]
+        assert [h.id for h in got2[0]] == [h.id for h in got[0]]
+        # too big to search on the loop: the same single call, made in the gallery pool
+        calls.clear()
+        monkeypatch.setattr(type(gal), "CHEAP_SCAN_BYTES", 0)
+        searched = []
+        search = gal.search
+        monkeypatch.setattr(gal, "search", lambda q, *a: (searched.append(len(q)), search(q, *a))[1])
+        got3 = asyncio.run(turn())
+        assert sorted(searched) == [1, 3, 5] and sorted(calls) == [1, 3, 5]
+        assert [[h.id for h in r] for r in got3] == [[h.id for h in r] for r in got]
+        monkeypatch.setattr(gal, "search", lambda *a: (_ for _ in ()).throw(RuntimeError("gallery gone")))
+        failed = asyncio.run(turn())
+        assert all(isinstance(r, RuntimeError) and "gallery gone" in str(r) for r in failed)
+    finally:
+        svc.close()
+
+
 # ---- CPU by thread ---------------------------------------------------------------------------
 def test_threads_are_grouped_by_their_os_names_and_add_up_to_the_total():
     pid = 100
