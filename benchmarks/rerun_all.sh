@@ -57,7 +57,7 @@ timing_stream() {
     step "train dch64" hashret train --data "$DATA" --format grocery --backbone efficientnet-lite0 --method dch \
         --bits 64 --seed 0 --out "$W/runs/dch64" --no-progress
     step "export dch64" hashret export "$W/runs/dch64" --out "$W/exp/dch64" --no-parity
-    step "gallery dch64" hashret index build "$W/exp/dch64" --data "$DATA" --format grocery --split database \
+    step "gallery dch64" hashret index build "$W/exp/dch64" --data "$DATA" --format grocery --split database --overwrite \
         --out "$W/gal/dch64"
     # ~2 min
     step "engine effnet dch64" hashret bench engine "$W/exp/dch64" --backends openvino-int8,ort-int8,ort,openvino \
@@ -80,7 +80,7 @@ timing_stream() {
     step "engine resnet50" hashret bench engine "$W/exp/r50-random" --backends ort,ort-int8,openvino-int8 --batches 1 \
         --threads 2 --iters 30 --out "$R/engine-resnet50-random.json"
     # ~5 min: 240 s of mixed load at concurrency 64 on a 1,000-item gallery
-    step "gallery soak" hashret index build "$W/exp/dch64" --data "$DATA" --format grocery --split database \
+    step "gallery soak" hashret index build "$W/exp/dch64" --data "$DATA" --format grocery --split database --overwrite \
         --limit 1000 --out "$W/gal/soak"
     step "soak 240 s" python -m benchmarks.soak --model "$W/exp/dch64" --gallery "$W/gal/soak" --seconds 240 \
         --images "$DATA/dataset/test" --window 20 --out "$R/soak-effnet-lite0-64bit-240s.json"
