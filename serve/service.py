@@ -438,7 +438,7 @@ class RetrievalService:
             zs = items[0][1] if len(items) == 1 else np.concatenate([it[1] for it in items])
         try:
             hits = self.gallery.search_nowait(codes, k, max_distance, zs, factor)
-        except BaseException as e:  # noqa: BLE001 - each waiter hears about it
+        except Exception as e:  # noqa: BLE001 - each waiter hears about it
             _answer(items, None, e)
             return
         if hits is not None:
