@@ -13,7 +13,9 @@
 #   3. `hashret check EXP --backend B --device D` per backend, with fp16 gates for fp16 engines
 #      (torch on CUDA, ort-fp16, TensorRT) and fp32 gates otherwise (benchmarks/gpu_thresholds.py);
 #   4. the served path: a gallery of IMAGES, then `hashret bench serve` at SERVE_CONCURRENCY with
-#      CPU decode, and with nvJPEG decode when `hashret serve` has --decode.
+#      CPU decode, and with nvJPEG decode when `hashret serve` has --decode; then both again with
+#      SERVE_WORKERS server processes (`hashret serve --workers`), since one process's event loop
+#      caps it near 1,000 Search/s whatever the GPU does.
 # Writes gpu-*.json (one per step) and gpu.json (the summary: every step's command, exit code,
 # output tail and check result) to RESULTS_DIR (default: $OUT when set, else benchmarks/results),
 # and a log of the whole run (gpu.log). Installs nothing: steps whose package is missing are
@@ -25,12 +27,14 @@
 # (cupy-popc,torch-lut,torch-swar), IMAGES (JPEG folder of class sub-folders for the served path;
 # default: EXP/../images when there), GALLERY_KIND (default: a GPU kind when one is registered,
 # else faiss-flat when faiss is installed), SERVE_CONCURRENCY (1,16,64), SERVE_SECONDS (8), SERVE_ECHO
-# (1: also the bare gRPC echo floors of `bench serve`, two more runs per level),
-# STEP_TIMEOUT (300), SKIP (step groups to skip: engine cpu search check serve), ALLOW_NO_GPU=1
+# (1: also the bare gRPC echo floors of `bench serve`, two more runs per level), SERVE_WORKERS (4;
+# 1: no multi-process steps), STEP_TIMEOUT (300), DEADLINE_S (none: seconds for the whole run; a
+# step gets at most what is left minus 30 s for the summary, and is skipped with under 45 s left),
+# SKIP (step groups to skip: engine cpu search check serve), ALLOW_NO_GPU=1
 # (no GPU here: run every step on the CPU with small sizes, to prove paths, imports and arguments).
 set -uo pipefail
 
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
 if [ $# -lt 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then usage; exit 2; fi
 
 ORIG=$PWD
@@ -65,6 +69,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     DEV=cpu
     : "${BATCHES:=1,4}" "${ITERS:=3}" "${WARMUP:=1}" "${MAX_SECONDS:=1}" "${SEARCH_SIZES:=20000,100000}"
     : "${SEARCH_QUERIES:=8}" "${SERVE_CONCURRENCY:=1,4}" "${SERVE_SECONDS:=2}" "${STEP_TIMEOUT:=240}"
+    : "${SERVE_WORKERS:=2}"
   else
     echo "error: torch sees no CUDA GPU; this script is for CUDA machines (ALLOW_NO_GPU=1 to rehearse on the CPU)" >&2
     exit 2
@@ -81,6 +86,9 @@ SEARCH_METHODS=${SEARCH_METHODS:-cupy-popc,torch-lut,torch-swar}
 SERVE_CONCURRENCY=${SERVE_CONCURRENCY:-1,16,64}
 SERVE_SECONDS=${SERVE_SECONDS:-8}
 STEP_TIMEOUT=${STEP_TIMEOUT:-300}
+SERVE_WORKERS=${SERVE_WORKERS:-4}
+START_S=$(date +%s)
+DEADLINE_S=${DEADLINE_S:-}
 IMAGES=${IMAGES:-$(dirname "$EXP")/images}
 SKIP=" ${SKIP:-} "
 
@@ -92,17 +100,22 @@ skip() { echo "-- skip $1: $2"; printf '%s\t%s\n' "$1" "$2" >>"$SKIPS"; }
 step() {
   local name=$1 json=$2; shift 2
   case "$SKIP" in *" ${name%%-*} "*) skip "$name" "SKIP"; return 0;; esac
-  local log="$LOGDIR/$name.log" t0 rc
+  local log="$LOGDIR/$name.log" t0 rc limit=$STEP_TIMEOUT
+  if [ -n "$DEADLINE_S" ]; then  # the summary must still be written when the host's clock stops
+    local left=$(( DEADLINE_S - ($(date +%s) - START_S) - 30 ))
+    if [ "$left" -lt 15 ]; then skip "$name" "time budget spent (DEADLINE_S=$DEADLINE_S)"; return 0; fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   echo "-- $name: $*"
   t0=$(date +%s)
   if [ -n "${STEP_STDOUT:-}" ]; then  # stdout kept apart (e.g. `hashret check --json`), stderr to the log
-    timeout --signal=TERM --kill-after=20 "$STEP_TIMEOUT" "$@" >"$STEP_STDOUT" 2>"$log"
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$STEP_STDOUT" 2>"$log"
   else
-    timeout --signal=TERM --kill-after=20 "$STEP_TIMEOUT" "$@" >"$log" 2>&1
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$log" 2>&1
   fi
   rc=$?
   tail -n 4 "$log" | sed 's/^/   | /'
-  [ "$rc" = 124 ] && echo "   timed out after ${STEP_TIMEOUT}s"
+  [ "$rc" = 124 ] && echo "   timed out after ${limit}s"
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$json" "$log" "$*" >>"$STEPS"
 }
 
@@ -201,13 +214,26 @@ PYEOF
   else
     skip serve-nvjpeg "hashret serve has no --decode option in this tree"
   fi
+  # several server processes on the port: the same two paths, each worker with its own engine on DEV
+  if [ "$SERVE_WORKERS" -le 1 ]; then skip serve-workers "SERVE_WORKERS=$SERVE_WORKERS"; return; fi
+  if ! "${HB[@]}" serve --help 2>/dev/null | grep -q -- '--workers '; then
+    skip serve-workers "hashret serve has no --workers option in this tree"; return
+  fi
+  local w=$SERVE_WORKERS
+  step serve-cpu-decode-workers "$RES/gpu-serve-cpu-decode-w$w.json" "${HB[@]}" "${load[@]}" \
+    --server-args "--backend torch --device $DEV --workers $w" --out "$RES/gpu-serve-cpu-decode-w$w.json"
+  if "${HB[@]}" serve --help 2>/dev/null | grep -q -- '--decode '; then
+    step serve-nvjpeg-workers "$RES/gpu-serve-nvjpeg-w$w.json" "${HB[@]}" "${load[@]}" \
+      --server-args "--backend torch --device $DEV --decode $DEV --workers $w" --out "$RES/gpu-serve-nvjpeg-w$w.json"
+  fi
 }
 serve_steps
 
 # Summary: one table, gpu.json with every step, and the exit status.
 GPU_SH_CMD=$GPU_SH_CMD BATCHES=$BATCHES TRT_BATCHES=$TRT_BATCHES ITERS=$ITERS WARMUP=$WARMUP \
   MAX_SECONDS=$MAX_SECONDS SEARCH_SIZES=$SEARCH_SIZES SEARCH_QUERIES=$SEARCH_QUERIES STEP_TIMEOUT=$STEP_TIMEOUT \
-  SERVE_CONCURRENCY=$SERVE_CONCURRENCY DEVICE=$DEV "$PY" - "$STEPS" "$SKIPS" "$RES" "$EXP" <<'PYEOF'
+  SERVE_CONCURRENCY=$SERVE_CONCURRENCY SERVE_WORKERS=$SERVE_WORKERS DEADLINE_S=$DEADLINE_S DEVICE=$DEV \
+  "$PY" - "$STEPS" "$SKIPS" "$RES" "$EXP" <<'PYEOF'
 import json, os, shlex, sys
 from pathlib import Path
 
@@ -267,7 +293,7 @@ skipped = [dict(zip(("step", "reason"), line.split("\t", 1))) for line in Path(s
 print()
 machine.print_table(["what", "device", "case", "p50 ms", "p99 ms", "result"], rows)
 knobs = ("BATCHES", "TRT_BATCHES", "ITERS", "WARMUP", "MAX_SECONDS", "SEARCH_SIZES", "SEARCH_QUERIES", "STEP_TIMEOUT",
-         "SERVE_CONCURRENCY", "DEVICE")
+         "SERVE_CONCURRENCY", "SERVE_WORKERS", "DEADLINE_S", "DEVICE")
 doc = {**machine.run_meta("gpu", threads={"note": "see each gpu-*.json"},
                           argv=shlex.split(os.environ.get("GPU_SH_CMD", "benchmarks/gpu.sh"))),
        "config": {"exp": exp, **{k.lower(): os.environ.get(k) for k in knobs}},

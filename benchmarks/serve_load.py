@@ -238,21 +238,29 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def thread_cpu_ticks(pid: int) -> dict[int, tuple[str, int]]:
-    """{thread id: (OS thread name, user + system ticks)} of process `pid`'s live threads."""
+    """{thread id: (OS thread name, user + system ticks)} of the live threads of process `pid`
+    and of its child processes (the workers of `hashret serve --workers N`)."""
     out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
+    for proc in (pid, *machine.child_pids(pid)):
         try:
-            text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:  # ended since the listing
+            tids = os.listdir(f"/proc/{proc}/task")
+        except OSError:
             continue
-        name = text[text.index("(") + 1:text.rindex(")")]
-        f = text.rsplit(")", 1)[1].split()
-        out[int(tid)] = (name, int(f[11]) + int(f[12]))
+        for tid in tids:
+            try:
+                text = Path(f"/proc/{proc}/task/{tid}/stat").read_text()
+            except OSError:  # ended since the listing
+                continue
+            name = text[text.index("(") + 1:text.rindex(")")]
+            f = text.rsplit(")", 1)[1].split()
+            out[int(tid)] = (name, int(f[11]) + int(f[12]))
     return out
+
+
+def loop_threads(pid: int) -> set[int]:
+    """The threads that run the server's asyncio loops: each process's main thread, the workers'
+    with `--workers N` (the supervisor's own main thread then only waits, and counts as other)."""
+    return set(machine.child_pids(pid)) or {pid}
 
 
 # OS thread names that `hashret serve` gives its threads (serve.threadnames) -> the part of the work
@@ -261,32 +269,47 @@ THREAD_GROUPS = (("hashret-batcher", "engine"), ("hashret-engine", "engine"), ("
 
 
 def thread_groups(pid: int, before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]],
-                  total_s: float, requests: int) -> dict[str, Any] | None:
+                  total_s: float, requests: int, loops: set[int] | None = None) -> dict[str, Any] | None:
     """A level's server CPU per request by the threads that spent it, in ms.
 
     engine: the batcher thread and the engine library's workers; decode: the decode threads; loop:
     the main thread (the asyncio loop: gRPC's Python side, request handling, searches answered on
-    the loop); other: the rest of the process's total (gRPC's C threads, gallery pool, snapshots,
-    metrics, child processes, threads that ended), so the four add up to the total. `threads`:
-    ms per request of each named thread outside engine and decode, for the curious.
+    the loop), or `loops` (loop_threads: the workers' main threads); other: the rest of the total
+    (gRPC's C threads, gallery pool, snapshots, metrics, threads that ended), so the four add up to
+    the total. `threads`: ms per request of each named thread outside engine and decode, for the curious.
     """
     if not requests or not after:
         return None
+    loops = {pid} if loops is None else loops
     groups = {"engine": 0, "decode": 0, "loop": 0}
     named: dict[str, int] = {}
     for tid, (name, ticks) in after.items():
         spent = ticks - before.get(tid, (name, 0))[1]
-        group = "loop" if tid == pid else next((g for prefix, g in THREAD_GROUPS if name.startswith(prefix)), None)
+        group = "loop" if tid in loops else next((g for prefix, g in THREAD_GROUPS if name.startswith(prefix)), None)
         if group is not None:
             groups[group] += spent
         if group in (None, "loop"):
-            key = "main (asyncio loop)" if tid == pid else name
+            key = "main (asyncio loop)" if tid in loops else name
             named[key] = named.get(key, 0) + spent
     ms = {g: t * 1e3 / CLK_TCK / requests for g, t in groups.items()}
     ms["other"] = total_s * 1e3 / requests - sum(ms.values())
     return {**{f"{g}_ms": round(v, 4) for g, v in ms.items()},
             "threads": {k: round(t * 1e3 / CLK_TCK / requests, 4)
                         for k, t in sorted(named.items(), key=lambda kv: -kv[1]) if t > 0}}
+
+
+def _workers(server_args: list[str]) -> int:
+    """The --workers N among `hashret serve` arguments (argparse keeps the last), else 1."""
+    n = 1
+    for i, a in enumerate(server_args):
+        if a == "--workers" and i + 1 < len(server_args):
+            n = server_args[i + 1]
+        elif a.startswith("--workers="):
+            n = a.split("=", 1)[1]
+    try:
+        return max(1, int(n))
+    except ValueError:
+        return 1  # `hashret serve` refuses it with its own message
 
 
 def _load_avg() -> float | None:
@@ -468,8 +491,8 @@ async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requ
         elapsed = time.perf_counter() - t0
         # every request has its answer here, so the server's work for them is done
         cpu_s = process_cpu_seconds(server_pid) - cpu0 if server_pid else None
-        by_thread = thread_groups(server_pid, threads0, thread_cpu_ticks(server_pid), cpu_s, len(lat)) \
-            if server_pid else None
+        by_thread = thread_groups(server_pid, threads0, thread_cpu_ticks(server_pid), cpu_s, len(lat),
+                                  loop_threads(server_pid)) if server_pid else None
     finally:
         await asyncio.gather(*(c.close() for c in chans), return_exceptions=True)
     ok = len(lat)
@@ -559,8 +582,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="bearer token file, for servers started with --require-token-for-reads (default: none)")
     g.add_argument("--metrics", metavar="URL",
                    help="the server's Prometheus endpoint (http://HOST:PORT/metrics or HOST:PORT), read before and "
-                        "after each level to print the per-stage latency split (default: with --model the started "
-                        "server's own; with --addr none)")
+                        "after each level to print the per-stage latency split; several, comma-separated, are summed "
+                        "(one per worker of `hashret serve --workers N`) (default: with --model the started "
+                        "server's own, every worker's; with --addr none)")
     g = p.add_argument_group("server CPU")
     g.add_argument("--server-pid", type=int, metavar="PID",
                    help="with --addr: the server's process id on this machine, to read its CPU time per request "
@@ -787,7 +811,8 @@ def run(args) -> int:
             else:  # argparse keeps the last of repeated flags: this one wins over a 'pick any' 0
                 mport = str(free_port())
                 extra += ["--metrics-port", mport]
-            metrics = f"127.0.0.1:{mport}"
+            # `--workers N`: worker i serves its own metrics on port + i; the stages are their sum
+            metrics = ",".join(f"127.0.0.1:{int(mport) + i}" for i in range(_workers(extra)))
         server = ChildServer(args.model, args.gallery, extra)
         t0 = time.perf_counter()
         server.start()

@@ -49,6 +49,13 @@ class Unavailable(HashretError):
     grpc_code = "UNAVAILABLE"
 
 
+class ReadOnly(HashretError):
+    """A write reached something opened read-only (a gallery served by several processes)."""
+
+    exit_code = 2
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class Overloaded(HashretError):
     """A queue is full; the caller should back off and retry."""
 

@@ -49,6 +49,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-size", type=int, default=256,
                    help="requests admitted at once; beyond that clients get RESOURCE_EXHAUSTED and should retry "
                         "(default: 256)")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="server processes sharing the port (SO_REUSEPORT), each with its own engine: for hosts "
+                        "where one process's event loop is the limit (about 1,000 Search/s). FAISS galleries are "
+                        "then served read-only (writes refused); Milvus galleries need a Milvus server; no Admin "
+                        "service. Engine and decode threads are split among the workers; --metrics-port P gives "
+                        "worker i port P+i (default: 1)")
     g.add_argument("--decode-threads", type=int, default=None, metavar="N",
                    help="threads decoding and resizing images; with --decode cuda, images in flight to the "
                         "GPU decoder (default: min(4, CPUs); with --decode cuda, --max-batch)")
@@ -143,7 +149,13 @@ def check_decode(value: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from serve.server import serve, setup_json_logging
 
+    verbose = getattr(args, "verbose", False)
     if args.log_format == "json":
-        setup_json_logging(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
-    serve(config_from_args(args))
+        setup_json_logging(logging.DEBUG if verbose else logging.INFO)
+    cfg = config_from_args(args)
+    if args.workers != 1:
+        from serve.workers import run_workers
+
+        return run_workers(cfg, args.workers, args.log_format, verbose)
+    serve(cfg)
     return 0

@@ -82,6 +82,9 @@ class ServeConfig:
     rerank_factor: int = 10  # Hamming top-(k * this) re-ranked by cosine (serve.gallery); 0: off
     decode: str = "cpu"  # where JPEGs are decoded: cpu, or cuda[:N] for batched nvJPEG (serve.gpu_decode)
     search_device: str | None = None  # torch-flat galleries: search here instead of the built-for device
+    # `hashret serve --workers N` (serve.workers) sets these in each worker process:
+    reuse_port: bool = False  # share the port with the other workers (SO_REUSEPORT)
+    read_only_gallery: bool = False  # open the gallery read-only (FAISS kinds), so all workers can
 
 
 # ---- logging ---------------------------------------------------------------------------
@@ -349,7 +352,8 @@ def _open_parts(cfg: ServeConfig, engine=None):
     from hashret.engines import backend_spec, open_engine
     from serve.gallery import open_gallery_for_export
 
-    gallery, manifest, mid = open_gallery_for_export(cfg.gallery, cfg.model, search_device=cfg.search_device)
+    gallery, manifest, mid = open_gallery_for_export(cfg.gallery, cfg.model, search_device=cfg.search_device,
+                                                     read_only=cfg.read_only_gallery)
     bits = gallery.bits
     try:
         try:
@@ -474,7 +478,8 @@ class HashretServer:
             options=[
                 ("grpc.max_receive_message_length", int(cfg.max_message_bytes)),
                 ("grpc.max_send_message_length", int(cfg.max_message_bytes)),
-                ("grpc.so_reuseport", 0),  # never share a port with another process by accident
+                # never share a port with another process by accident; --workers shares it on purpose
+                ("grpc.so_reuseport", 1 if cfg.reuse_port else 0),
             ],
         )
         pb_grpc.add_RetrievalServicer_to_server(self.servicer, self.server)
@@ -566,9 +571,19 @@ class HashretServer:
         await self._stopped.wait()
 
 
-async def _serve_async(cfg: ServeConfig) -> None:
+async def _serve_async(cfg: ServeConfig, before_start=None, after_start=None) -> None:
+    """Build, start, serve until SIGTERM/SIGINT. `before_start(server)` / `after_start(server)`
+    (coroutines): serve.workers' hand-shake with the supervisor, around the port opening."""
     server = HashretServer(cfg)
+    if before_start is not None:
+        try:
+            await before_start(server)
+        except BaseException:
+            server.service.close()
+            raise
     await server.start()
+    if after_start is not None:
+        await after_start(server)
     # What is loaded by now (torch, the engine, the gallery) lives as long as the process. Frozen,
     # it is left out of the cyclic collector's passes, which otherwise walk it again and again as
     # requests allocate (under load, a py-spy profile of the event loop showed it among the largest

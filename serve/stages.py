@@ -238,8 +238,20 @@ NULL_STAGES = Stages()  # for services built without a server (tests, embedding)
 # ---- reading the split back (bench serve) ------------------------------------------------
 def scrape_stages(url: str, timeout: float = 10.0) -> dict[str, dict]:
     """{stage: {"count", "sum", "buckets": [(le, cumulative count), ...]}} from a /metrics URL
-    (HOST:PORT is taken as http://HOST:PORT/metrics); {} when the server exports no stages."""
+    (HOST:PORT is taken as http://HOST:PORT/metrics); {} when the server exports no stages.
+    Several URLs, comma-separated (the workers of `hashret serve --workers N`), are summed."""
     import urllib.request
+
+    if "," in url:
+        total: dict[str, dict] = {}
+        for one in url.split(","):
+            for stage, d in scrape_stages(one.strip(), timeout).items():
+                t = total.setdefault(stage, {"count": 0.0, "sum": 0.0, "buckets": {}})
+                t["count"] += d["count"]
+                t["sum"] += d["sum"]
+                for le, c in d["buckets"]:
+                    t["buckets"][le] = t["buckets"].get(le, 0.0) + c
+        return {k: {**d, "buckets": sorted(d["buckets"].items())} for k, d in total.items()}
 
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -176,3 +176,13 @@ def test_gpu_sh_exits_1_when_a_step_fails(exp, tmp_path):
     doc = json.loads((tmp_path / "res" / "gpu.json").read_text())
     assert set(doc["failed"]) == {"check-torch-cpu", "check-ort-fp16-cpu"}
     assert "FAILED 2 of 2 steps" in p.stdout and "check-torch-cpu: exit status 2" in p.stdout
+
+
+def test_gpu_sh_skips_what_its_time_budget_cannot_hold(exp, tmp_path):
+    # DEADLINE_S: a step gets what is left minus 30 s for the summary; under 45 s left, it is skipped
+    p = _gpu_sh(exp, tmp_path / "res", DEADLINE_S="40")
+    assert p.returncode == 0, p.stdout[-3000:]
+    doc = json.loads((tmp_path / "res" / "gpu.json").read_text())
+    reasons = {s["step"]: s["reason"] for s in doc["skipped_steps"]}
+    assert reasons["check-torch-cpu"] == "time budget spent (DEADLINE_S=40)"
+    assert not doc["steps"] and doc["config"]["deadline_s"] == "40"

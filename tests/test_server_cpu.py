@@ -309,6 +309,35 @@ def test_cpu_of_named_threads_is_read_from_proc():
     assert g["decode_ms"] > 0
 
 
+def test_threads_of_child_processes_count_and_their_main_threads_are_loops():
+    # `hashret serve --workers N`: the supervisor waits, its worker processes do the work
+    import os
+
+    code = ("import time\nprint('up', flush=True)\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.3: pass\nprint('done', flush=True)\ntime.sleep(30)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "up"
+        before = serve_load.thread_cpu_ticks(os.getpid())
+        assert child.stdout.readline().strip() == "done"
+        after = serve_load.thread_cpu_ticks(os.getpid())
+        loops = serve_load.loop_threads(os.getpid())
+        assert child.pid in after and child.pid in loops and os.getpid() not in loops
+        g = serve_load.thread_groups(os.getpid(), before, after, 10.0, requests=1, loops=loops)
+        assert g["loop_ms"] >= 200  # its 0.3 s busy loop, at 10 ms resolution
+    finally:
+        child.kill()
+        child.wait()
+    assert serve_load.loop_threads(child.pid) == {child.pid}  # no children: the process's own main thread
+
+
+def test_workers_among_server_args():
+    assert serve_load._workers(["--backend", "ort"]) == 1
+    assert serve_load._workers(["--workers", "4", "--backend", "ort"]) == 4
+    assert serve_load._workers(["--workers=2", "--workers", "3"]) == 3  # argparse keeps the last
+    assert serve_load._workers(["--workers", "x"]) == 1
+
+
 def test_echo_answers_in_groups_at_its_rhythm():
     # 6 requests at once, answered 2 every 150 ms: the last two leave two ticks after the first two
     # (ticks run from the server's start, so the first one comes 0-150 ms after the requests). A

@@ -46,6 +46,7 @@ __all__ = [
     "new_gallery_manifest",
     "open_gallery",
     "open_gallery_for_export",
+    "shared_mode",
 ]
 
 for _module in pkgutil.iter_modules(__path__):
@@ -85,12 +86,15 @@ def open_gallery(
     expect_bits: int | None = None,
     expect_model_sha256: str | None = None,
     search_device: str | None = None,
+    read_only: bool = False,
 ) -> Gallery:
     """Open a gallery, refusing one built for a different model or code length.
 
     The manifest is read (and migrated from an older schema) by hashret.manifest.
     `search_device` (cpu, cuda, cuda:N) overrides, for this process only, the device a kind
-    that searches on one (torch-flat) was built for; other kinds refuse it.
+    that searches on one (torch-flat) was built for; other kinds refuse it. `read_only`: open a
+    kind with Gallery.READ_ONLY_OPEN so that other processes may open it read-only too; writes
+    then raise ReadOnly (other kinds refuse it).
     """
     path = Path(path)
     manifest = load_manifest(path, kind=GALLERY)
@@ -111,10 +115,15 @@ def open_gallery(
             f"install the module that registers it, or {REBUILD}"
         )
     cls = INDEX_KINDS.get(kind)
+    kwargs: dict[str, Any] = {}
+    if read_only:
+        if not cls.READ_ONLY_OPEN:
+            raise BadInput(f"gallery {path} | a {kind} gallery cannot be opened read-only")
+        kwargs["read_only"] = True
     if search_device is None:
-        gallery = cls.open(path, manifest)
+        gallery = cls.open(path, manifest, **kwargs)
     elif getattr(cls, "SEARCH_DEVICE", False):
-        gallery = cls.open(path, manifest, search_device=search_device)
+        gallery = cls.open(path, manifest, search_device=search_device, **kwargs)
     else:
         raise BadInput(f"--search-device {search_device} | gallery {path} is a {kind} gallery, which searches "
                        f"where its library does: drop the flag, or rebuild it with --kind torch-flat")
@@ -127,8 +136,19 @@ def open_gallery(
     return gallery
 
 
+def shared_mode(path: str | os.PathLike) -> str:
+    """How several server processes serve the gallery at `path` at once (Gallery.shared_mode):
+    "read-only" or "read-write"; BadInput when its kind cannot be shared. Reads only the manifest."""
+    path = Path(path)
+    manifest = load_manifest(path, kind=GALLERY)
+    kind = manifest["index"]["kind"]
+    if kind not in INDEX_KINDS:
+        raise ArtifactMismatch(f"gallery {path} | index kind {kind!r} is not known here: {REBUILD}")
+    return INDEX_KINDS.get(kind).shared_mode(path, manifest)
+
+
 def open_gallery_for_export(
-    path: str | os.PathLike, exp: str | os.PathLike, search_device: str | None = None
+    path: str | os.PathLike, exp: str | os.PathLike, search_device: str | None = None, read_only: bool = False
 ) -> tuple[Gallery, dict[str, Any], str]:
     """The gallery at `path` opened for the model exported in EXP: (gallery, EXP manifest, model id).
 
@@ -147,4 +167,6 @@ def open_gallery_for_export(
             f"{Path(exp) / MANIFEST} | bits {manifest.get('bits')!r} is missing or not a code length: "
             f"{KINDS[EXPORT].fix}"
         ) from None
-    return open_gallery(path, expect_bits=bits, expect_model_sha256=mid, search_device=search_device), manifest, mid
+    gallery = open_gallery(path, expect_bits=bits, expect_model_sha256=mid, search_device=search_device,
+                           read_only=read_only)
+    return gallery, manifest, mid

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from hashret.errors import BadInput, NotFound
+from hashret.errors import BadInput, NotFound, ReadOnly
 from hashret.manifest import GALLERY, KINDS, new_manifest
 from hashret.metrics import rerank_order, rerank_size
 from hashret.registry import Registry
@@ -89,6 +89,9 @@ class Gallery(abc.ABC):
     #: whether this kind can store activations for re-ranking (its create takes option
     #: "activations", its _upsert keyword `activations`, and it implements _activations_of)
     ACTIVATIONS: ClassVar[bool] = False
+    #: whether open(..., read_only=True) lets several processes open one folder at once (the
+    #: FAISS kinds: a shared lock, nothing written); see `shared_mode`
+    READ_ONLY_OPEN: ClassVar[bool] = False
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self._path = Path(path)
@@ -96,6 +99,18 @@ class Gallery(abc.ABC):
         self._bits = int(manifest["bits"])
         self._lock = threading.RLock()
         self._closed = False
+        self._read_only = False
+
+    @classmethod
+    def shared_mode(cls, path: Path, manifest: dict[str, Any]) -> str:
+        """How several server processes can serve this gallery at once (`hashret serve --workers`):
+        "read-only" (each opens it with read_only=True; writes are refused) or "read-write" (the
+        kind's storage is a service every process talks to). A kind that can do neither raises
+        BadInput saying why."""
+        if cls.READ_ONLY_OPEN:
+            return "read-only"
+        raise BadInput(f"gallery {path} | a {cls.kind} gallery can be opened by one process at a time: "
+                       f"serve it with --workers 1")
 
     # ---- creation / opening (per kind) -------------------------------------------------
     @classmethod
@@ -134,6 +149,11 @@ class Gallery(abc.ABC):
     @property
     def manifest(self) -> dict[str, Any]:
         return dict(self._manifest)
+
+    @property
+    def read_only(self) -> bool:
+        """Opened with read_only=True: searches only; writes and snapshots raise ReadOnly."""
+        return self._read_only
 
     @property
     def size(self) -> int:
@@ -176,7 +196,7 @@ class Gallery(abc.ABC):
         if not ids:
             return
         with self._lock:
-            self._check_open()
+            self._check_writable("upsert")
             if self.has_activations:
                 if activations is None:
                     activations = np.full((len(ids), self._bits), np.nan, np.float16)
@@ -190,7 +210,7 @@ class Gallery(abc.ABC):
         if not ids:
             return 0
         with self._lock:
-            self._check_open()
+            self._check_writable("delete")
             missing = self._missing(ids)
             if missing:
                 shown = ", ".join(repr(i) for i in missing[:10])
@@ -318,7 +338,7 @@ class Gallery(abc.ABC):
     def save(self) -> None:
         """Snapshot/flush so the gallery reopens fast; acknowledged writes are durable anyway."""
         with self._lock:
-            self._check_open()
+            self._check_writable("save")
             self._save()
 
     def snapshot(self) -> dict[str, Any] | None:
@@ -343,6 +363,15 @@ class Gallery(abc.ABC):
     def _check_open(self) -> None:
         if self._closed:
             raise BadInput(f"gallery {self._path} | already closed: open it again with open_gallery")
+
+    def _check_writable(self, op: str) -> None:
+        self._check_open()
+        if self._read_only:
+            raise ReadOnly(
+                f"gallery {self._path} | {op} refused: it is open read-only (served by several processes, "
+                f"hashret serve --workers); send writes to a server with --workers 1, or build a new gallery "
+                f"(hashret index build) and restart the workers on it"
+            )
 
     def _check_ids(self, ids: Sequence[str], op: str) -> list[str]:
         if isinstance(ids, (str, bytes)):

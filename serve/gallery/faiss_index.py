@@ -309,6 +309,7 @@ class FaissGallery(Gallery):
 
     OPTIONS: dict[str, tuple[int, int, int]] = {}  # name -> (default, min, max)
     ACTIVATIONS = True
+    READ_ONLY_OPEN = True
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
         super().__init__(path, manifest)
@@ -373,31 +374,48 @@ class FaissGallery(Gallery):
         return g
 
     @classmethod
-    def open(cls, path: Path, manifest: dict[str, Any]) -> "FaissGallery":
+    def open(cls, path: Path, manifest: dict[str, Any], read_only: bool = False) -> "FaissGallery":
+        """Load the live snapshot and replay the WAL after it.
+
+        read_only: a shared lock (several readers, no writer), and nothing on disk is touched:
+        a torn WAL tail is skipped, not cut, and leftovers of a killed snapshot stay for the next
+        writer to remove. Writes and snapshots then raise ReadOnly.
+        """
         g = cls(path, manifest)
+        g._read_only = bool(read_only)
         g._lock_folder()
         try:
             g._load_snapshot()
             scan = g._replay()
-            g._wal.repair(scan)  # only now: a gallery refused above leaves every byte as it was
-            g._wal.refresh()
-            g._remove_leftovers()
+            if read_only:
+                if scan.torn or scan.newline:
+                    log.warning("gallery %s | its WAL ends in an unfinished write (never acknowledged), "
+                                "left in place: opened read-only, the next writer cuts it", path)
+            else:
+                g._wal.repair(scan)  # only now: a gallery refused above leaves every byte as it was
+                g._wal.refresh()
+                g._remove_leftovers()
         except BaseException:
             g._close()
             raise
         return g
 
     def _lock_folder(self) -> None:
-        """One writer per folder: two processes appending to one WAL would corrupt it."""
-        self._lockf = open(self._path / LOCK, "a+")
+        """One writer per folder, or any number of read-only openers: two processes appending to
+        one WAL would corrupt it, and a reader must not see a writer's half-made snapshot."""
+        shared = self._read_only
+        mode = "r" if shared and (self._path / LOCK).exists() else "a+"
+        self._lockf = open(self._path / LOCK, mode)
         try:
-            fcntl.flock(self._lockf, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lockf, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             self._lockf.close()
             self._lockf = None
+            holder = "a writer" if shared else "another process or another open_gallery in this one"
             raise Unavailable(
-                f"gallery {self._path} | already open (in another process or another open_gallery "
-                f"in this one): close that first"
+                f"gallery {self._path} | already open ({holder}"
+                + ("" if shared else "; read-only openers such as hashret serve --workers count too")
+                + "): close that first"
             ) from None
 
     def _load_snapshot(self) -> None:
@@ -812,7 +830,7 @@ class FaissGallery(Gallery):
         with self._snap_lock:
             t0 = time.perf_counter()
             with self._lock:
-                self._check_open()
+                self._check_writable("snapshot")
                 _crash_point("before-start")
                 frozen = self._freeze()
                 wal_before = {"records": self._wal_records(), "bytes": self._wal.size}
@@ -881,8 +899,13 @@ class FaissGallery(Gallery):
     def _wal_records(self) -> int:
         return max(0, self._seq - int(self._manifest["snapshot"].get("wal_seq", 0)))
 
-    def wal_stats(self) -> dict[str, Any]:
-        """WAL records and bytes since the last snapshot, and when that was (no lock: plain reads)."""
+    def wal_stats(self) -> dict[str, Any] | None:
+        """WAL records and bytes since the last snapshot, and when that was (no lock: plain reads).
+
+        None when read-only: this process writes no log, so it has none to bound.
+        """
+        if self._read_only:
+            return None
         m = self._manifest
         last = self._snap_last
         return {

@@ -195,6 +195,16 @@ class MilvusGallery(Gallery):
         c.create_collection(self._coll, schema=schema, index_params=params, consistency_level="Strong")
 
     @classmethod
+    def shared_mode(cls, path: Path, manifest: dict[str, Any]) -> str:
+        """A Milvus server is shared by every process that connects: reads and writes as usual.
+        A Milvus Lite file is one process's."""
+        uri = str(manifest["index"].get("uri", "milvus.db"))
+        if _is_remote(uri):
+            return "read-write"
+        raise BadInput(f"gallery {path} | its Milvus Lite file ({uri}) can be opened by one process only: serve it "
+                       f"with --workers 1, or build the gallery on a Milvus server (--milvus-uri http://HOST:19530)")
+
+    @classmethod
     def open(cls, path: Path, manifest: dict[str, Any]) -> "MilvusGallery":
         g = cls(path, manifest)
         g._connect()

@@ -224,7 +224,8 @@ class TorchFlatGallery(FaissGallery):
         return {**super()._check_options(options), "device": device}
 
     @classmethod
-    def open(cls, path: Path, manifest: dict[str, Any], search_device: str | None = None) -> "TorchFlatGallery":
+    def open(cls, path: Path, manifest: dict[str, Any], search_device: str | None = None,
+             read_only: bool = False) -> "TorchFlatGallery":
         """FaissGallery.open, after checking the device (the manifest's, or `search_device` instead).
 
         The override lives only in this process: the manifest, and so every snapshot, keeps the
@@ -236,7 +237,7 @@ class TorchFlatGallery(FaissGallery):
         else:
             name = check_device(search_device, "--search-device")
             device = resolve_device(name, "--search-device")
-        g = super().open(path, manifest)
+        g = super().open(path, manifest, read_only=read_only)
         g._device_name, g._device = name, device
         return g
 
