@@ -739,9 +739,17 @@ def overhead_bars(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> list[
                      f"{th['loop_ms'] + th['other_ms']:.2f}")
         if same is not None:
             seen += f"; a bare grpc.aio server answering at the same rate in the same groups: {same:.2f}"
+        # The rest is a difference of three measurements: a baseline that ran slower than the same work
+        # inside the server shrinks it. Met only when the service's own threads agree.
+        met = sp["rest_ms"] <= REST_CPU_MS
+        if met and th and th["loop_ms"] + th["other_ms"] > REST_CPU_MS:
+            met = False
+            seen += (f"; NOT met although the rest is under the target: the event loop and the other threads "
+                     f"alone spent {th['loop_ms'] + th['other_ms']:.2f} ms (the engine or decode baseline ran "
+                     f"slower than the same work inside the server)")
         bars.append({"name": f"server CPU per request outside engine and decode at concurrency {BAR_CONCURRENCY} "
                              f"<= {REST_CPU_MS} ms",
-                     "measured": sp["rest_ms"], "target": REST_CPU_MS, "unit": "ms", "met": sp["rest_ms"] <= REST_CPU_MS,
+                     "measured": sp["rest_ms"], "target": REST_CPU_MS, "unit": "ms", "met": met,
                      "text": f"server CPU per request at concurrency {BAR_CONCURRENCY}: {sp['total_ms']:.2f} ms = "
                              f"engine {sp['engine_ms']:.2f} + decode {sp['decode_ms']:.2f} + rest "
                              f"{sp['rest_ms']:.2f} (target rest <= {REST_CPU_MS} ms); {cn['requests_per_s']:.0f} "

@@ -100,6 +100,24 @@ def test_rest_bar_at_the_bar_concurrency():
     assert len(bar) == 1 and bar[0]["measured"] == pytest.approx(0.75) and bar[0]["met"] is False
 
 
+def test_rest_bar_is_met_only_when_the_services_own_threads_agree():
+    base = {"results": [{**r, "p50_ms": 1.0, "img_per_s": 200.0, "device": "cpu"} for r in BASELINE["results"]],
+            "decode": {"ms_per_image": 1.5, "cpu_ms_per_image": 1.5}}
+
+    def bar(loop_ms):
+        rows = [{"concurrency": 16, "rpc": "Search", "images_per_s": 100.0, "requests_per_s": 100.0,
+                 "cpu_split": serve_load.cpu_split(level(total_ms=4.25), BASELINE, cores=2),
+                 "server_cpu": {"ms_per_request": 4.25, "by_thread": {"engine_ms": 2.5, "decode_ms": 1.0,
+                                                                      "loop_ms": loop_ms, "other_ms": 0.1}}}]
+        return next(b for b in serve_load.overhead_bars(rows, base) if "outside engine and decode" in b["name"])
+
+    # rest 0.5 by subtraction; the loop and other threads say 0.6: met
+    assert bar(0.5)["measured"] == pytest.approx(0.5) and bar(0.5)["met"] is True
+    # the same rest, but the threads themselves spent 0.75 (the decode baseline ran slow): not met
+    b = bar(0.65)
+    assert b["met"] is False and "the event loop and the other threads alone spent 0.75 ms" in b["text"]
+
+
 # ---- the load, with CPU read ----------------------------------------------------------------
 def test_echo_floor_is_loaded_and_its_cpu_read():
     images = serve_load.synthetic_images(3)
