@@ -206,9 +206,11 @@ PYEOF
               --requests 100000 --images "$IMAGES")
   # the echo floors add two load runs per level: off unless asked for, to keep the run short
   [ "${SERVE_ECHO:-0}" = 1 ] || load+=(--no-echo)
+  local serve_help
+  serve_help=$("${HB[@]}" serve --help 2>/dev/null)  # which options this tree's `hashret serve` has
   step serve-cpu-decode "$RES/gpu-serve-cpu-decode.json" "${HB[@]}" "${load[@]}" \
     --server-args "--backend torch --device $DEV" --out "$RES/gpu-serve-cpu-decode.json"
-  if "${HB[@]}" serve --help 2>/dev/null | grep -q -- '--decode '; then
+  if grep -q -- '--decode ' <<<"$serve_help"; then
     step serve-nvjpeg "$RES/gpu-serve-nvjpeg.json" "${HB[@]}" "${load[@]}" \
       --server-args "--backend torch --device $DEV --decode $DEV" --out "$RES/gpu-serve-nvjpeg.json"
   else
@@ -216,13 +218,13 @@ PYEOF
   fi
   # several server processes on the port: the same two paths, each worker with its own engine on DEV
   if [ "$SERVE_WORKERS" -le 1 ]; then skip serve-workers "SERVE_WORKERS=$SERVE_WORKERS"; return; fi
-  if ! "${HB[@]}" serve --help 2>/dev/null | grep -q -- '--workers '; then
+  if ! grep -q -- '--workers ' <<<"$serve_help"; then
     skip serve-workers "hashret serve has no --workers option in this tree"; return
   fi
   local w=$SERVE_WORKERS
   step serve-cpu-decode-workers "$RES/gpu-serve-cpu-decode-w$w.json" "${HB[@]}" "${load[@]}" \
     --server-args "--backend torch --device $DEV --workers $w" --out "$RES/gpu-serve-cpu-decode-w$w.json"
-  if "${HB[@]}" serve --help 2>/dev/null | grep -q -- '--decode '; then
+  if grep -q -- '--decode ' <<<"$serve_help"; then
     step serve-nvjpeg-workers "$RES/gpu-serve-nvjpeg-w$w.json" "${HB[@]}" "${load[@]}" \
       --server-args "--backend torch --device $DEV --decode $DEV --workers $w" --out "$RES/gpu-serve-nvjpeg-w$w.json"
   fi

@@ -117,7 +117,6 @@ class _Worker:
     index: int
     cfg: object
     proc: subprocess.Popen | None = None
-    read_fd: int = -1
     started: float = 0.0
     loaded: bool = False
     serving: bool = False
@@ -134,7 +133,6 @@ class Supervisor:
         self.workers = [_Worker(i, c) for i, c in enumerate(self.cfgs)]
         self.events: queue.Queue = queue.Queue()
         self.restarts: deque[float] = deque()
-        self.stopping = False
         self.port = 0
         self.exit_code = 0
 
@@ -147,7 +145,7 @@ class Supervisor:
             cmd.append("--verbose")
         w.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=(wfd,), env=env)
         os.close(wfd)
-        w.read_fd, w.started, w.loaded, w.serving = r, time.monotonic(), False, False
+        w.started, w.loaded, w.serving = time.monotonic(), False, False
         w.proc.stdin.write(pickle.dumps(replace(w.cfg, port=self.port)))
         w.proc.stdin.flush()
         threading.Thread(target=self._read, args=(w, w.proc, r), name=f"hashret-worker-{w.index}",
@@ -160,13 +158,6 @@ class Supervisor:
                 word, _, rest = line.decode("utf-8", "replace").strip().partition(" ")
                 self.events.put((word, w, proc, json.loads(rest) if rest else {}))
         self.events.put(("exited", w, proc, {"code": proc.wait()}))
-
-    def _signal(self, sig: int, w: _Worker) -> None:
-        if w.proc is not None and w.proc.poll() is None:
-            try:
-                w.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
 
     def _go(self, w: _Worker) -> None:
         try:
@@ -207,7 +198,6 @@ class Supervisor:
                 continue
             if word == "stop":
                 log.info("stopping workers", extra={"fields": {"workers": len(self.workers), "grace_s": self.grace_s}})
-                self.stopping = True
                 return
             if proc is not w.proc:
                 continue  # from a worker process already replaced
@@ -251,7 +241,11 @@ class Supervisor:
     def _stop_all(self) -> None:
         """SIGTERM (each drains in-flight requests for --grace-s), then SIGKILL what is left."""
         for w in self.workers:
-            self._signal(signal.SIGTERM, w)
+            if w.proc is not None and w.proc.poll() is None:
+                try:
+                    w.proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         deadline = time.monotonic() + self.grace_s + 15.0
         for w in self.workers:
             if w.proc is None:

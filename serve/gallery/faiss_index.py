@@ -411,12 +411,9 @@ class FaissGallery(Gallery):
         except OSError:
             self._lockf.close()
             self._lockf = None
-            holder = "a writer" if shared else "another process or another open_gallery in this one"
-            raise Unavailable(
-                f"gallery {self._path} | already open ({holder}"
-                + ("" if shared else "; read-only openers such as hashret serve --workers count too")
-                + "): close that first"
-            ) from None
+            holder = "a writer" if shared else ("another process or another open_gallery in this one; read-only "
+                                                "openers such as hashret serve --workers count too")
+            raise Unavailable(f"gallery {self._path} | already open ({holder}): close that first") from None
 
     def _load_snapshot(self) -> None:
         """The live generation's files, each checked against the sha256 the manifest seals.
