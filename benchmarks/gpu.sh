@@ -28,13 +28,14 @@
 # default: EXP/../images when there), GALLERY_KIND (default: a GPU kind when one is registered,
 # else faiss-flat when faiss is installed), SERVE_CONCURRENCY (1,16,64), SERVE_SECONDS (8), SERVE_ECHO
 # (1: also the bare gRPC echo floors of `bench serve`, two more runs per level), SERVE_WORKERS (4;
-# 1: no multi-process steps), STEP_TIMEOUT (300), DEADLINE_S (none: seconds for the whole run; a
+# 1: no multi-process steps), SERVE_CLIENTS (4: load-generator processes of `bench serve`, since
+# one Python client tops out at a few thousand requests/s), STEP_TIMEOUT (300), DEADLINE_S (none: seconds for the whole run; a
 # step gets at most what is left minus 30 s for the summary, and is skipped with under 45 s left),
 # SKIP (step groups to skip: engine cpu search check serve), ALLOW_NO_GPU=1
 # (no GPU here: run every step on the CPU with small sizes, to prove paths, imports and arguments).
 set -uo pipefail
 
-usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; }
 if [ $# -lt 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then usage; exit 2; fi
 
 ORIG=$PWD
@@ -69,7 +70,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     DEV=cpu
     : "${BATCHES:=1,4}" "${ITERS:=3}" "${WARMUP:=1}" "${MAX_SECONDS:=1}" "${SEARCH_SIZES:=20000,100000}"
     : "${SEARCH_QUERIES:=8}" "${SERVE_CONCURRENCY:=1,4}" "${SERVE_SECONDS:=2}" "${STEP_TIMEOUT:=240}"
-    : "${SERVE_WORKERS:=2}"
+    : "${SERVE_WORKERS:=2}" "${SERVE_CLIENTS:=2}"
   else
     echo "error: torch sees no CUDA GPU; this script is for CUDA machines (ALLOW_NO_GPU=1 to rehearse on the CPU)" >&2
     exit 2
@@ -87,6 +88,7 @@ SERVE_CONCURRENCY=${SERVE_CONCURRENCY:-1,16,64}
 SERVE_SECONDS=${SERVE_SECONDS:-8}
 STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 SERVE_WORKERS=${SERVE_WORKERS:-4}
+SERVE_CLIENTS=${SERVE_CLIENTS:-4}
 START_S=$(date +%s)
 DEADLINE_S=${DEADLINE_S:-}
 IMAGES=${IMAGES:-$(dirname "$EXP")/images}
@@ -203,7 +205,7 @@ PYEOF
     $(case "$kind" in torch-*) echo --search-device "$DEV";; esac)
   [ -f "$gal/manifest.json" ] || { skip serve-load "the gallery was not built"; return; }
   local load=(bench serve --model "$EXP" --gallery "$gal" --concurrency "$SERVE_CONCURRENCY" --seconds "$SERVE_SECONDS"
-              --requests 100000 --images "$IMAGES")
+              --requests 100000 --images "$IMAGES" --clients "$SERVE_CLIENTS")
   # the echo floors add two load runs per level: off unless asked for, to keep the run short
   [ "${SERVE_ECHO:-0}" = 1 ] || load+=(--no-echo)
   local serve_help
@@ -234,7 +236,7 @@ serve_steps
 # Summary: one table, gpu.json with every step, and the exit status.
 GPU_SH_CMD=$GPU_SH_CMD BATCHES=$BATCHES TRT_BATCHES=$TRT_BATCHES ITERS=$ITERS WARMUP=$WARMUP \
   MAX_SECONDS=$MAX_SECONDS SEARCH_SIZES=$SEARCH_SIZES SEARCH_QUERIES=$SEARCH_QUERIES STEP_TIMEOUT=$STEP_TIMEOUT \
-  SERVE_CONCURRENCY=$SERVE_CONCURRENCY SERVE_WORKERS=$SERVE_WORKERS DEADLINE_S=$DEADLINE_S DEVICE=$DEV \
+  SERVE_CONCURRENCY=$SERVE_CONCURRENCY SERVE_WORKERS=$SERVE_WORKERS SERVE_CLIENTS=$SERVE_CLIENTS DEADLINE_S=$DEADLINE_S DEVICE=$DEV \
   "$PY" - "$STEPS" "$SKIPS" "$RES" "$EXP" <<'PYEOF'
 import json, os, shlex, sys
 from pathlib import Path
@@ -273,9 +275,12 @@ for line in Path(steps_file).read_text().splitlines():
                              f"n={r['size']:,} k={r['k']}", f"{pq['p50_ms']:.3f}", f"{pq['p99_ms']:.3f}",
                              f"recall {r.get('recall', '-')}"])
             elif "concurrency" in r:
+                # a load generator busy all the time may have set the pace, not the server
+                busy = (r.get("client_cpu") or {}).get("busiest_core_share") or 0
                 rows.append([name, os.environ.get("DEVICE", "-"), f"concurrency {r['concurrency']}",
                              str(r.get("p50_ms", "-")), str(r.get("p99_ms", "-")),
-                             f"{r.get('rps', r.get('requests_per_s', '-'))} req/s"])
+                             f"{r.get('rps', r.get('requests_per_s', '-'))} req/s"
+                             + (f" (client-bound: {busy:.0%} of a core)" if busy >= 0.9 else "")])
         for s in doc.get("skipped", []):
             rows.append([s.get("backend") or s.get("method") or s.get("kind"), s.get("device", "-"), "skipped",
                          "-", "-", str(s.get("reason", ""))[:60]])
@@ -295,7 +300,7 @@ skipped = [dict(zip(("step", "reason"), line.split("\t", 1))) for line in Path(s
 print()
 machine.print_table(["what", "device", "case", "p50 ms", "p99 ms", "result"], rows)
 knobs = ("BATCHES", "TRT_BATCHES", "ITERS", "WARMUP", "MAX_SECONDS", "SEARCH_SIZES", "SEARCH_QUERIES", "STEP_TIMEOUT",
-         "SERVE_CONCURRENCY", "SERVE_WORKERS", "DEADLINE_S", "DEVICE")
+         "SERVE_CONCURRENCY", "SERVE_WORKERS", "SERVE_CLIENTS", "DEADLINE_S", "DEVICE")
 doc = {**machine.run_meta("gpu", threads={"note": "see each gpu-*.json"},
                           argv=shlex.split(os.environ.get("GPU_SH_CMD", "benchmarks/gpu.sh"))),
        "config": {"exp": exp, **{k.lower(): os.environ.get(k) for k in knobs}},

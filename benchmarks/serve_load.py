@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -362,6 +363,22 @@ def cpu_split(row: dict[str, Any], baseline: dict[str, Any] | None, cores: int) 
             "requests_per_s": row.get("requests_per_s")}
 
 
+CLIENT_BOUND = 0.9  # a load-generator process this busy may be what limits requests/s
+
+
+def format_client(row: dict[str, Any]) -> str:
+    """The load generator's CPU line: per request, and its busiest process's share of a core."""
+    c = row["client_cpu"]
+    per = "-" if c["ms_per_request"] is None else f"{c['ms_per_request']:.3f} ms"
+    busiest = c["busiest_core_share"]
+    text = (f"load generator: {per} CPU per request over {c['processes']} process"
+            f"{'es' if c['processes'] > 1 else ''}, the busiest at "
+            f"{'-' if busiest is None else f'{busiest:.0%}'} of a core")
+    if busiest is not None and busiest >= CLIENT_BOUND:
+        text += " (it may be the limit here: more --clients)"
+    return text
+
+
 def format_cpu(row: dict[str, Any]) -> str:
     cpu, sp = row.get("server_cpu") or {}, row.get("cpu_split")
     la = f"load avg {row['load_avg_1m'][0]} -> {row['load_avg_1m'][1]}" if row.get("load_avg_1m") else ""
@@ -430,9 +447,19 @@ def open_channels(addr: str, channels: int, concurrency: int) -> tuple[list, lis
     return chans, [pb_grpc.RetrievalStub(c) for c in chans]
 
 
-async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requests: int, seconds: float,
-                      k: int, rpc: str, batch_items: int, channels: int, timeout: float,
-                      token: str | None, warmup: int, server_pid: int | None = None) -> dict[str, Any]:
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` as `parts` integers that differ by at most one, the larger ones first."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+async def _drive(addr: str, images: list[bytes], concurrency: int, max_requests: int, seconds: float,
+                 k: int, rpc: str, batch_items: int, channels: int, timeout: float,
+                 token: str | None, warmup: int, start: Callable[[], None] | None = None) -> dict[str, Any]:
+    """One load generator: connect, warm up, call `start()`, then the timed closed loop.
+
+    Returns the raw outcome: latencies (ms), requests issued, failures by status, the timed
+    phase's start and end (time.monotonic(), comparable across processes) and this process's own
+    CPU time over it (all its threads, gRPC's included)."""
     import grpc
 
     from serve._proto import retrieval_pb2 as pb
@@ -463,16 +490,16 @@ async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requ
         lat: list[float] = []
         errors: dict[str, int] = {}
         item_errors: dict[str, int] = {}
-        load0 = _load_avg()
-        cpu0 = process_cpu_seconds(server_pid) if server_pid else None
-        threads0 = thread_cpu_ticks(server_pid) if server_pid else {}
-        t0 = time.perf_counter()
+        if start is not None:
+            start()
+        cpu0 = time.process_time()
+        t0 = time.monotonic()
         deadline = t0 + seconds
 
         async def worker(w: int):
             nonlocal issued
             stub = stubs[w % n_ch]
-            while issued < max_requests and time.perf_counter() < deadline:
+            while issued < max_requests and time.monotonic() < deadline:
                 i = issued
                 issued += 1
                 t = time.perf_counter()
@@ -488,22 +515,122 @@ async def _load_level(addr: str, images: list[bytes], concurrency: int, max_requ
                             item_errors[r.error.status] = item_errors.get(r.error.status, 0) + 1
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-        # every request has its answer here, so the server's work for them is done
-        cpu_s = process_cpu_seconds(server_pid) - cpu0 if server_pid else None
-        by_thread = thread_groups(server_pid, threads0, thread_cpu_ticks(server_pid), cpu_s, len(lat),
-                                  loop_threads(server_pid)) if server_pid else None
+        t1 = time.monotonic()
+        cpu_s = time.process_time() - cpu0
     finally:
         await asyncio.gather(*(c.close() for c in chans), return_exceptions=True)
+    return {"lat": lat, "issued": issued, "errors": errors, "item_errors": item_errors, "channels": n_ch,
+            "t0": t0, "t1": t1, "cpu_s": cpu_s}
+
+
+def _client_process(out, go, kwargs: dict[str, Any]) -> None:
+    """A load-generator process (spawned): `_drive`, its timed loop held until the parent says go."""
+    def start():
+        out.put({"ready": True})
+        go.wait()
+
+    try:
+        out.put(asyncio.run(_drive(**kwargs, start=start)))
+    except BaseException as e:  # noqa: BLE001 - the parent must hear why, not wait for it
+        out.put({"failed": f"{type(e).__name__}: {e}"})
+
+
+CLIENT_START_S = 120.0  # most seconds to spawn a client, import gRPC and warm up, per level
+
+
+def _drive_processes(n: int, kwargs: dict[str, Any], begin: Callable[[], None]) -> list[dict[str, Any]]:
+    """`_drive` in `n` spawned processes that share the level's concurrency, requests and channels
+    and start their timed loops together, after `begin()`. Spawned, not forked: this process may
+    hold gRPC's threads from an earlier level, and gRPC does not survive a fork."""
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")
+    go, out = ctx.Event(), ctx.Queue()
+    shares = zip(split_evenly(kwargs["concurrency"], n), split_evenly(kwargs["max_requests"], n),
+                 split_evenly(max(kwargs["channels"], n), n))
+    procs = [ctx.Process(target=_client_process, name=f"hashret-load-{i}", daemon=True,
+                         args=(out, go, {**kwargs, "concurrency": c, "max_requests": r, "channels": ch}))
+             for i, (c, r, ch) in enumerate(shares)]
+
+    def collect(key: str, limit_s: float) -> list[dict[str, Any]]:
+        """One message with `key` from every client; a failure or a dead client ends the level."""
+        got: list[dict[str, Any]] = []
+        limit = time.monotonic() + limit_s
+        while len(got) < n:
+            try:
+                msg = out.get(timeout=0.5)
+            except queue.Empty:
+                dead = [f"{p.name} (exit status {p.exitcode})" for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > limit:
+                    why = f"{', '.join(dead)} died" if dead else f"no {key} message within {limit_s:.0f} s"
+                    raise Unavailable(f"load generator | a client process failed: {why}") from None
+                continue
+            if "failed" in msg:
+                raise Unavailable(f"load generator | a client process failed: {msg['failed']}")
+            got.append(msg)
+        return got
+
+    for p in procs:
+        p.start()
+    try:
+        collect("ready", CLIENT_START_S)
+        begin()
+        go.set()
+        return collect("lat", kwargs["seconds"] + kwargs["timeout"] + CLIENT_START_S)
+    finally:
+        go.set()  # clients still waiting (another one failed) run their share and leave
+        for p in procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def _load_level(addr: str, images: list[bytes], concurrency: int, max_requests: int, seconds: float,
+                k: int, rpc: str, batch_items: int, channels: int, timeout: float,
+                token: str | None, warmup: int, server_pid: int | None = None, clients: int = 1) -> dict[str, Any]:
+    """One concurrency level, from `clients` load-generator processes (this one when 1)."""
+    before: dict[str, Any] = {}
+
+    def begin():  # every connection is up and warm: the timed requests start now
+        before["load"] = _load_avg()
+        if server_pid:
+            before["cpu"], before["threads"] = process_cpu_seconds(server_pid), thread_cpu_ticks(server_pid)
+
+    kwargs = {"addr": addr, "images": images, "concurrency": concurrency, "max_requests": max_requests,
+              "seconds": seconds, "k": k, "rpc": rpc, "batch_items": batch_items, "channels": channels,
+              "timeout": timeout, "token": token, "warmup": warmup}
+    n = min(clients, concurrency, max_requests)
+    raws = [asyncio.run(_drive(**kwargs, start=begin))] if n <= 1 else _drive_processes(n, kwargs, begin)
+    # every request has its answer here, so the server's work for them is done
+    cpu_s = process_cpu_seconds(server_pid) - before["cpu"] if server_pid else None
+    lat = [x for r in raws for x in r["lat"]]
+    by_thread = thread_groups(server_pid, before["threads"], thread_cpu_ticks(server_pid), cpu_s, len(lat),
+                              loop_threads(server_pid)) if server_pid else None
+    elapsed = max(r["t1"] for r in raws) - min(r["t0"] for r in raws)
+    issued = sum(r["issued"] for r in raws)
+    errors: dict[str, int] = {}
+    item_errors: dict[str, int] = {}
+    for r in raws:
+        for mine, theirs in ((errors, r["errors"]), (item_errors, r["item_errors"])):
+            for code, count in theirs.items():
+                mine[code] = mine.get(code, 0) + count
     ok = len(lat)
     per_req = batch_items if rpc == "SearchBatch" else 1
-    return {"concurrency": concurrency, "channels": n_ch, "rpc": rpc, "images_per_request": per_req,
+    client_cpu = sum(r["cpu_s"] for r in raws)
+    busiest = max(r["cpu_s"] / (r["t1"] - r["t0"]) for r in raws) if all(r["t1"] > r["t0"] for r in raws) else None
+    return {"concurrency": concurrency, "channels": sum(r["channels"] for r in raws), "rpc": rpc,
+            "images_per_request": per_req, "clients": len(raws),
             "sent": issued, "ok": ok, "errors": dict(sorted(errors.items())), "error_count": sum(errors.values()),
             "item_errors": item_errors, "duration_s": round(elapsed, 3),
             "requests_per_s": round(ok / elapsed, 2) if elapsed > 0 else None,
             "images_per_s": round(ok * per_req / elapsed, 2) if elapsed > 0 else None,
             "stopped_by": "requests" if issued >= max_requests else "time", **percentiles(lat),
-            "load_avg_1m": [load0, _load_avg()],
+            "load_avg_1m": [before["load"], _load_avg()],
+            "client_cpu": {"processes": len(raws), "cpu_s": round(client_cpu, 3),
+                           "ms_per_request": round(client_cpu * 1e3 / ok, 4) if ok else None,
+                           "busiest_core_share": round(busiest, 3) if busiest is not None else None},
             **({"server_cpu": {"pid": server_pid, "cpu_s": round(cpu_s, 3), "requests": ok,
                                "ms_per_request": round(cpu_s * 1e3 / ok, 4) if ok else None,
                                **({"by_thread": by_thread} if by_thread else {})}}
@@ -514,21 +641,25 @@ def run_load(addr: str, images: list[bytes], concurrency=(1, 4, 16, 64), max_req
              seconds: float = 10.0, k: int = 10, rpc: str = "Search", batch_items: int = 8,
              channels: int = 16, timeout: float = 30.0, token: str | None = None, warmup: int = 5,
              progress=print, metrics: str | None = None, server_pid: int | None = None,
-             baseline: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+             baseline: dict[str, Any] | None = None, clients: int = 1) -> list[dict[str, Any]]:
     """One result dict per concurrency level (see _load_level); with `metrics` (the server's
     /metrics URL or HOST:PORT) each row also gets "stages": the server's per-stage split over
     that level (serve.stages.stage_split), warm-up requests included. With `server_pid` each row
     gets "server_cpu" (the process's CPU time over the timed requests) and, with `metrics` and an
-    engine `baseline` too, "cpu_split" (see cpu_split)."""
+    engine `baseline` too, "cpu_split" (see cpu_split). `clients` > 1 spreads each level over
+    that many load-generator processes (at most one per request in flight); every row gets
+    "client_cpu", the load generator's own CPU, to tell when it, not the server, set the pace."""
     if not images:
         raise BadInput("images | none to send")
+    if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
+        raise BadInput(f"clients {clients!r} | must be an integer >= 1")
     from serve.stages import format_split, scrape_stages, stage_split
 
     rows = []
     for c in concurrency:
         before = scrape_stages(metrics) if metrics else None
-        r = asyncio.run(_load_level(addr, images, int(c), max_requests, seconds, k, rpc, batch_items,
-                                    channels, timeout, token, warmup, server_pid))
+        r = _load_level(addr, images, int(c), max_requests, seconds, k, rpc, batch_items, channels, timeout,
+                        token, warmup, server_pid, clients)
         if metrics:
             r["stages"] = stage_split(before, scrape_stages(metrics))
         if server_pid:
@@ -540,6 +671,7 @@ def run_load(addr: str, images: list[bytes], concurrency=(1, 4, 16, 64), max_req
         p50 = r.get("p50_ms")
         progress(f"  concurrency {c:>4}: {r['requests_per_s']} req/s, p50 {p50 if p50 is not None else '-'} ms, "
                  f"p99 {r.get('p99_ms', '-')} ms, ok {r['ok']}/{r['sent']}, errors: {errs}")
+        progress(f"    {format_client(r)}")
         if metrics:
             progress(f"    server stages (mean): {format_split(r['stages'])}")
         if server_pid:
@@ -569,6 +701,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=5, help="untimed requests before each level (default: 5)")
     g.add_argument("--channels", type=int, default=16,
                    help="gRPC channels (TCP connections) the workers share, capped at the concurrency (default: 16)")
+    g.add_argument("--clients", type=int, default=1, metavar="N",
+                   help="load-generator processes that share each level's requests in flight, channels and "
+                        "requests, started together; one Python process tops out at a few thousand requests/s, so "
+                        "a many-core or GPU server needs several (default: 1, this process)")
     g.add_argument("--rpc", choices=("Search", "SearchBatch"), default="Search", help="RPC to call (default: Search)")
     g.add_argument("--batch-items", type=int, default=8, help="images per SearchBatch request (default: 8)")
     g.add_argument("-k", "--k", type=int, default=10, help="neighbours per search (default: 10)")
@@ -597,13 +733,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def report_table(doc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    head = ["concurrency", "channels", "rpc", "ok/sent", "req/s", "img/s", "p50 ms", "p90 ms", "p99 ms", "errors"]
+    head = ["concurrency", "channels", "rpc", "ok/sent", "req/s", "img/s", "p50 ms", "p90 ms", "p99 ms", "errors",
+            "client CPU ms/req (busiest)"]
     rows = []
     for r in doc.get("results", []):
         f = (lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "-")
+        cc = r.get("client_cpu") or {}
+        busiest = cc.get("busiest_core_share")
         rows.append([r["concurrency"], r["channels"], r["rpc"], f"{r['ok']}/{r['sent']}", r["requests_per_s"],
                      r["images_per_s"], f(r.get("p50_ms")), f(r.get("p90_ms")), f(r.get("p99_ms")),
-                     ", ".join(f"{k}={v}" for k, v in r["errors"].items()) or "none"])
+                     ", ".join(f"{k}={v}" for k, v in r["errors"].items()) or "none",
+                     f"{f(cc.get('ms_per_request'))} ({busiest:.0%})" if busiest is not None else "-"])
     if any("server_cpu" in r for r in doc.get("results", [])):  # runs that read the server's CPU time
         head += ["CPU ms/req", "engine", "decode", "rest", "echo floor", "echo same rhythm", "loop+other threads",
                  "ceiling req/s", "load avg"]
@@ -782,7 +922,8 @@ def echo_same_pattern(rows: list[dict[str, Any]], images: list[bytes], reply_byt
         print(f"  echo answering {group} every {every_ms:.1f} ms (concurrency {r['concurrency']}'s rhythm):")
         with EchoChild(reply_bytes, every_ms=every_ms, group=group) as e:
             er = run_load(e.addr, images, [r["concurrency"]], args.requests, args.seconds, args.k, "Echo",
-                          args.batch_items, args.channels, args.timeout, None, args.warmup, server_pid=e.proc.pid)[0]
+                          args.batch_items, args.channels, args.timeout, None, args.warmup, server_pid=e.proc.pid,
+                          clients=args.clients)[0]
         er["answer_every_ms"], er["answer_group"] = round(every_ms, 3), group
         er["command"] = machine.command_line(["python", *e.cmd[1:]])
         r["server_cpu"]["echo_same_pattern_ms_per_request"] = er["server_cpu"]["ms_per_request"]
@@ -798,8 +939,8 @@ def run(args) -> int:
                        "this machine; pass --allow-remote for a server of your own elsewhere")
     if args.model and not args.gallery or args.gallery and not args.model:
         raise BadInput("--model/--gallery | both are needed to start a server")
-    if min(args.concurrency) < 1 or args.requests < 1 or args.seconds <= 0:
-        raise BadInput("--concurrency/--requests/--seconds | must be positive")
+    if min(args.concurrency) < 1 or args.requests < 1 or args.seconds <= 0 or args.clients < 1:
+        raise BadInput("--concurrency/--requests/--seconds/--clients | must be positive")
     server_pid = getattr(args, "server_pid", None)
     if server_pid is not None and args.model:
         raise BadInput("--server-pid | only with --addr: a started server's CPU is read anyway")
@@ -841,7 +982,7 @@ def run(args) -> int:
             reply_bytes = search_reply_bytes(addr, images[0], args.k, token, args.timeout)
         rows = run_load(addr, images, args.concurrency, args.requests, args.seconds, args.k, args.rpc,
                         args.batch_items, args.channels, args.timeout, token, args.warmup, metrics=metrics,
-                        server_pid=server_pid, baseline=baseline)
+                        server_pid=server_pid, baseline=baseline, clients=args.clients)
     finally:
         if server is not None:
             server.__exit__(None, None, None)
@@ -853,7 +994,7 @@ def run(args) -> int:
         with EchoChild(reply_bytes) as e:
             echo_rows = run_load(e.addr, images, args.concurrency, args.requests, args.seconds, args.k, "Echo",
                                  args.batch_items, args.channels, args.timeout, None, args.warmup,
-                                 server_pid=e.proc.pid)
+                                 server_pid=e.proc.pid, clients=args.clients)
         echo = {"command": machine.command_line(["python", *e.cmd[1:]]), "reply_bytes": reply_bytes,
                 "results": echo_rows}
         for r in rows:
@@ -863,13 +1004,18 @@ def run(args) -> int:
         echo["same_pattern"] = echo_same_pattern(rows, images, reply_bytes, args)
     config = {"addr": addr, "started_server": started, "server_info": info, "images": img_desc,
               "concurrency": args.concurrency, "requests": args.requests, "seconds": args.seconds,
-              "warmup": args.warmup, "channels": args.channels, "rpc": args.rpc, "batch_items": args.batch_items,
-              "k": args.k, "timeout_s": args.timeout}
+              "warmup": args.warmup, "channels": args.channels, "clients": args.clients, "rpc": args.rpc,
+              "batch_items": args.batch_items, "k": args.k, "timeout_s": args.timeout}
     notes = ["Closed loop: each worker waits for its answer before sending the next request.",
+             ("client_cpu: the load generator's own CPU time (all its processes and threads) over each level's "
+              "timed requests; busiest_core_share near 1 means a client process was busy all the time and may "
+              "have set the pace."),
              "Latency percentiles are over successful calls; failures are counted by gRPC status code."]
     if started:
         notes.append("Server and load generator ran on the same machine and shared its CPU cores.")
-    meta = machine.run_meta("serve", threads={"load_generator": "1 asyncio event loop",
+    generator = ("1 asyncio event loop" if args.clients == 1
+                 else f"up to {args.clients} processes, 1 asyncio event loop each")
+    meta = machine.run_meta("serve", threads={"load_generator": generator,
                                               "server": args.server_args or "server defaults"},
                             argv=getattr(args, "_argv", None))
     doc = {**meta, "config": config, "results": rows, "notes": notes}

@@ -186,3 +186,5 @@ def test_gpu_sh_skips_what_its_time_budget_cannot_hold(exp, tmp_path):
     reasons = {s["step"]: s["reason"] for s in doc["skipped_steps"]}
     assert reasons["check-torch-cpu"] == "time budget spent (DEADLINE_S=40)"
     assert not doc["steps"] and doc["config"]["deadline_s"] == "40"
+    # the rehearsal's defaults: two server processes and two load-generator processes
+    assert doc["config"]["serve_workers"] == "2" and doc["config"]["serve_clients"] == "2"

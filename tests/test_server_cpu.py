@@ -134,6 +134,46 @@ def test_echo_floor_is_loaded_and_its_cpu_read():
         assert "cpu_split" not in r  # an echo server has no engine
 
 
+def test_a_level_is_shared_by_several_client_processes():
+    assert serve_load.split_evenly(7, 3) == [3, 2, 2] and serve_load.split_evenly(2, 2) == [1, 1]
+    images = serve_load.synthetic_images(3)
+    with serve_load.EchoChild(reply_bytes=300) as echo:
+        rows = serve_load.run_load(echo.addr, images, concurrency=[1, 3], max_requests=200, seconds=60, rpc="Echo",
+                                   warmup=2, channels=2, server_pid=echo.proc.pid, clients=2,
+                                   progress=lambda *_: None)
+        with pytest.raises(BadInput, match="clients 0"):
+            serve_load.run_load(echo.addr, images, concurrency=[1], clients=0)
+    one, two = rows
+    assert one["clients"] == 1 and one["client_cpu"]["processes"] == 1  # one request in flight: one process
+    assert two["clients"] == 2 and two["client_cpu"]["processes"] == 2 and two["channels"] == 2
+    for r in rows:
+        # every request sent by some process was answered and counted once, server side too
+        assert r["ok"] == r["sent"] == 200 and r["error_count"] == 0 and r["server_cpu"]["requests"] == 200
+        c = r["client_cpu"]
+        assert c["cpu_s"] > 0 and c["ms_per_request"] == pytest.approx(c["cpu_s"] * 1e3 / 200, abs=0.006)  # cpu_s to 1 ms
+        assert 0 < c["busiest_core_share"] <= 2  # a share of one core (gRPC's own threads may add to it)
+        assert r["duration_s"] > 0 and r["requests_per_s"] == pytest.approx(200 / r["duration_s"], rel=0.01)
+
+
+def test_a_client_process_that_fails_ends_the_level_with_its_reason():
+    # no images: each client's first call fails in its own process; the parent says why, at once
+    began = []
+    kwargs = {"addr": "127.0.0.1:1", "images": [], "concurrency": 2, "max_requests": 10, "seconds": 5,
+              "k": 10, "rpc": "Echo", "batch_items": 1, "channels": 2, "timeout": 5, "token": None, "warmup": 1}
+    with serve_load.EchoChild(reply_bytes=10) as echo, \
+            pytest.raises(Unavailable, match="a client process failed: ZeroDivisionError"):
+        serve_load._drive_processes(2, {**kwargs, "addr": echo.addr}, lambda: began.append(1))
+    assert began == []  # never timed
+
+
+def test_the_client_line_says_when_the_load_generator_may_be_the_limit():
+    row = {"client_cpu": {"processes": 2, "ms_per_request": 0.25, "busiest_core_share": 0.95}}
+    assert serve_load.format_client(row) == ("load generator: 0.250 ms CPU per request over 2 processes, the busiest "
+                                             "at 95% of a core (it may be the limit here: more --clients)")
+    row["client_cpu"]["busiest_core_share"] = 0.5
+    assert "limit" not in serve_load.format_client(row)
+
+
 def test_bench_cli_reads_a_server_pid_and_refuses_a_bad_one(tmp_path):
     from tests.test_benchmarks import parse
 
@@ -143,6 +183,8 @@ def test_bench_cli_reads_a_server_pid_and_refuses_a_bad_one(tmp_path):
         serve_load.run(parse(["serve", "--addr", "127.0.0.1:1", "--server-pid", str(dead.pid)]))
     with pytest.raises(BadInput, match=re.escape("--server-pid | only with --addr")):
         serve_load.run(parse(["serve", "--model", "m", "--gallery", "g", "--server-pid", "1"]))
+    with pytest.raises(BadInput, match="--clients | must be positive"):
+        serve_load.run(parse(["serve", "--addr", "127.0.0.1:1", "--clients", "0"]))
 
 
 # ---- the cuts ----------------------------------------------------------------------------------
