@@ -30,7 +30,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; 0.0.0.0 for all interfaces (default: 127.0.0.1, this machine only)")
+                   help="address to listen on; 0.0.0.0 for all IPv4 interfaces, :: for all IPv6 and IPv4 ones "
+                        "(default: 127.0.0.1, this machine only)")
     g.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: 50051)")
     g.add_argument("--metrics-port", type=int, default=None, metavar="N",
                    help="serve Prometheus metrics at http://HOST:N/metrics (default: off)")

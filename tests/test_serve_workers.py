@@ -137,17 +137,17 @@ def test_hold_port_keeps_the_port_for_the_workers_and_refuses_a_used_one():
 class Workers:
     """`python -m hashret serve --workers N` on a free port; stderr's JSON lines collected."""
 
-    def __init__(self, exp: Path, gal: Path, n: int, tmp: Path, *extra: str):
+    def __init__(self, exp: Path, gal: Path, n: int, tmp: Path, *extra: str, host: str = "127.0.0.1"):
         tok = tmp / "token"
         tok.write_text(TOKEN)
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
+        probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        probe.bind((host, 0))
         self.port = probe.getsockname()[1]
         probe.close()
         self.addr = f"127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "hashret", "serve", "--model", str(exp), "--gallery", str(gal),
-                    "--port", str(self.port), "--workers", str(n), "--metrics-port", "0", "--token-file", str(tok),
-                    "--grace-s", "2", *extra]
+                    "--host", host, "--port", str(self.port), "--workers", str(n), "--metrics-port", "0",
+                    "--token-file", str(tok), "--grace-s", "2", *extra]
         self.lines: list[dict] = []
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
         threading.Thread(target=self._read, daemon=True).start()
@@ -238,6 +238,36 @@ def test_two_workers_share_the_port_answer_alike_refuse_writes_and_restart(
     assert sum(1 for ln in w.lines if ln.get("msg") == "stopped") >= 2  # each worker drained and closed
     assert not any(Path(f"/proc/{pid}").exists() for pid in up["pids"][1:])
     assert folder_digest(gal) == before  # read-only: not a byte changed
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+def test_workers_on_the_dual_stack_wildcard_answer_ipv4_and_ipv6_clients(
+        exp_dir, engine, spec, gallery_dir, data, tmp_path_factory, tmp_path):  # noqa: F811
+    # --host ::: the port holder and every worker bind the IPv6 wildcard, which also takes IPv4
+    gal = copy_gallery(gallery_dir, tmp_path_factory, "dual-stack")
+    _, _, queries = data
+    images = [Path(q).read_bytes() for q in queries[:4]]
+    expected = offline_search(engine, spec, gallery_dir, queries[:4], 5)
+    w = Workers(exp_dir, gal, 2, tmp_path, host="::")
+    try:
+        up = w.wait_for(supervisor_serving)
+        for addr in (f"127.0.0.1:{w.port}", f"[::1]:{w.port}"):
+            for i in range(12):  # a connection each: the kernel spreads them over both workers
+                with RetrievalClient(addr, timeout=30) as c:
+                    assert as_pairs(c.search(images[i % 4], k=5)) == expected[i % 4], addr
+        counts = [search_count(p) for p in up["metrics_ports"]]
+        assert sum(counts) == 24 and min(counts) > 0, counts
+    finally:
+        assert w.stop() == 0
 
 
 def test_a_worker_that_cannot_start_stops_the_set_with_its_error(exp_dir, tmp_path):  # noqa: F811
