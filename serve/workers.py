@@ -93,6 +93,8 @@ def hold_port(host: str, port: int) -> socket.socket:
     if port:  # a plain bind fails when any socket, shared or not, holds the port
         probe = socket.socket(family, socket.SOCK_STREAM)
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is no owner
+        if family == socket.AF_INET6:  # an IPv4 user of the port counts too
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:
             probe.bind(addr)
         except OSError as e:
@@ -103,6 +105,8 @@ def hold_port(host: str, port: int) -> socket.socket:
     s = socket.socket(family, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:  # dual-stack as gRPC makes its own, whatever net.ipv6.bindv6only says
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     try:
         s.bind(addr)
     except OSError as e:

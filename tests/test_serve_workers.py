@@ -250,6 +250,21 @@ def _ipv6_loopback() -> bool:
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+def test_hold_port_on_the_ipv6_wildcard_is_dual_stack_and_sees_ipv4_users():
+    held = hold_port("::", 0)
+    try:  # as gRPC binds [::]: IPv4 too, whatever the machine's bindv6only default
+        assert held.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    finally:
+        held.close()
+    with socket.socket() as v4:  # a server on IPv4 only still owns the port for a set of workers on ::
+        v4.bind(("127.0.0.1", 0))
+        v4.listen()
+        port = v4.getsockname()[1]
+        with pytest.raises(Unavailable, match=rf"--port {port} \| cannot listen on :::{port}"):
+            hold_port("::", port)
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
 def test_workers_on_the_dual_stack_wildcard_answer_ipv4_and_ipv6_clients(
         exp_dir, engine, spec, gallery_dir, data, tmp_path_factory, tmp_path):  # noqa: F811
     # --host ::: the port holder and every worker bind the IPv6 wildcard, which also takes IPv4
