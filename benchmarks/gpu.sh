@@ -242,6 +242,7 @@ import json, os, shlex, sys
 from pathlib import Path
 
 from benchmarks import machine
+from benchmarks.serve_load import CLIENT_BOUND
 
 steps_file, skips_file, out, exp = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 steps, rows, failed = [], [], []
@@ -280,7 +281,7 @@ for line in Path(steps_file).read_text().splitlines():
                 rows.append([name, os.environ.get("DEVICE", "-"), f"concurrency {r['concurrency']}",
                              str(r.get("p50_ms", "-")), str(r.get("p99_ms", "-")),
                              f"{r.get('rps', r.get('requests_per_s', '-'))} req/s"
-                             + (f" (client-bound: {busy:.0%} of a core)" if busy >= 0.9 else "")])
+                             + (f" (client-bound: {busy:.0%} of a core)" if busy >= CLIENT_BOUND else "")])
         for s in doc.get("skipped", []):
             rows.append([s.get("backend") or s.get("method") or s.get("kind"), s.get("device", "-"), "skipped",
                          "-", "-", str(s.get("reason", ""))[:60]])

@@ -90,11 +90,16 @@ def hold_port(host: str, port: int) -> socket.socket:
     except socket.gaierror as e:
         raise BadInput(f"--host {host!r} | cannot be resolved ({e})") from None
     family, _, _, _, addr = infos[0]
+
+    def tcp_socket() -> socket.socket:  # bound as gRPC binds its own
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        if family == socket.AF_INET6:  # dual-stack whatever net.ipv6.bindv6only says: IPv4 users count
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        return s
+
     if port:  # a plain bind fails when any socket, shared or not, holds the port
-        probe = socket.socket(family, socket.SOCK_STREAM)
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is no owner
-        if family == socket.AF_INET6:  # an IPv4 user of the port counts too
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe = tcp_socket()
         try:
             probe.bind(addr)
         except OSError as e:
@@ -102,11 +107,8 @@ def hold_port(host: str, port: int) -> socket.socket:
                               f"server running?") from None
         finally:
             probe.close()
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s = tcp_socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6:  # dual-stack as gRPC makes its own, whatever net.ipv6.bindv6only says
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     try:
         s.bind(addr)
     except OSError as e:
