@@ -17,6 +17,11 @@ decoding, which is what a client should see under overload: back off and retry.
 
 Deadlines: an item whose deadline passed, or whose future was cancelled (client gone), is
 dropped before inference instead of wasting a batch slot.
+
+Out of memory: when `split_when(error)` says a failed batch ran out of memory (a GPU under a
+large --max-batch, or one shared with other processes), the batch is encoded again in halves,
+down to single images, so the requests get slower instead of failing; only an image that does
+not fit alone fails (RESOURCE_EXHAUSTED). Any other error fails the whole batch, as before.
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ class BatchStats:
     items: int = 0
     dropped: int = 0
     rejected: int = 0
+    splits: int = 0  # batches encoded again in halves after running out of memory
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,7 @@ class Batcher:
 
     `encode(uint8 [N, H, W, 3]) -> [N, ...]` is called only from the worker thread.
     `on_batch(size, seconds)` is called after each inference (metrics).
+    `split_when(error) -> bool`: errors after which the batch is retried in halves (out of memory).
     """
 
     def __init__(
@@ -120,6 +127,7 @@ class Batcher:
         max_delay_us: int = 2000,
         queue_size: int = 256,
         on_batch: Callable[[int, float], None] | None = None,
+        split_when: Callable[[BaseException], bool] | None = None,
         name: str = "hashret-batcher",
     ):
         for what, v, lo in (("max_batch", max_batch, 1), ("max_delay_us", max_delay_us, 0), ("queue_size", queue_size, 1)):
@@ -130,6 +138,7 @@ class Batcher:
         self.max_delay_s = max_delay_us / 1e6
         self.queue_size = queue_size
         self._on_batch = on_batch
+        self._split_when = split_when
         self._queue: collections.deque[_Item] = collections.deque()
         self._reserved = 0
         self._cond = threading.Condition()
@@ -213,32 +222,51 @@ class Batcher:
                     it.future.set_exception(Expired(f"request | deadline passed after {waited:.1f} ms in the queue"))
                 else:
                     live.append(it)
-            if not live:
-                continue
-            t0 = time.perf_counter()
-            started = time.monotonic()
-            try:
-                images = np.stack([it.image for it in live])
-                out = self._encode(images)
-            except BaseException as e:  # noqa: BLE001 - every waiter must hear about it
+            if live:
+                self._infer(live)
+
+    def _infer(self, live: list[_Item]) -> None:
+        """Encode `live` and answer each future; in halves after an out-of-memory error."""
+        t0 = time.perf_counter()
+        started = time.monotonic()
+        short_of_memory = None
+        try:
+            out = self._encode(np.stack([it.image for it in live]))
+        except BaseException as e:  # noqa: BLE001 - every waiter must hear about it
+            if self._split_when is None or not isinstance(e, Exception) or not self._split_when(e):
                 if not isinstance(e, HashretError):
                     log.exception("inference failed on a batch of %d", len(live))
                 for it in live:
                     it.future.set_exception(e)
-                continue
-            seconds = time.perf_counter() - t0
-            self.stats.batches += 1
-            self.stats.items += len(live)
-            timing = BatchTiming(started, time.monotonic(), len(live))
-            for i, it in enumerate(live):
-                # read by the waiter for its per-stage timings (serve.stages), before it wakes
-                it.future.timing = (it.enqueued, timing)
-                it.future.set_result(out[i])
-            if self._on_batch is not None:
-                try:
-                    self._on_batch(len(live), seconds)
-                except Exception:  # noqa: BLE001 - metrics must never stop inference
-                    log.exception("on_batch callback failed")
+                return
+            short_of_memory = _first_line(e)
+        if short_of_memory is not None:
+            # Out of the except block first: the error's traceback holds the failed attempt's
+            # tensors, which must be freed before the halves run.
+            if len(live) == 1:
+                live[0].future.set_exception(Overloaded(
+                    f"server | out of memory encoding a single image ({short_of_memory}): retry later or on "
+                    f"another replica"))
+                return
+            self.stats.splits += 1
+            log.warning("out of memory encoding a batch of %d: encoding it in halves (%s)", len(live), short_of_memory)
+            half = len(live) // 2
+            self._infer(live[:half])
+            self._infer(live[half:])
+            return
+        seconds = time.perf_counter() - t0
+        self.stats.batches += 1
+        self.stats.items += len(live)
+        timing = BatchTiming(started, time.monotonic(), len(live))
+        for i, it in enumerate(live):
+            # read by the waiter for its per-stage timings (serve.stages), before it wakes
+            it.future.timing = (it.enqueued, timing)
+            it.future.set_result(out[i])
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(live), seconds)
+            except Exception:  # noqa: BLE001 - metrics must never stop inference
+                log.exception("on_batch callback failed")
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop admitting, let queued and reserved items finish, join the worker."""
@@ -252,3 +280,8 @@ class Batcher:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -318,17 +318,19 @@ class GpuDecoder:
             return list(self._device_batch(datas))
         except Exception as e:
             oom = isinstance(e, _oom_errors())
-            if oom and self.device.type == "cuda":
-                self.torch.cuda.empty_cache()
-            if len(datas) == 1:
-                if not oom:
-                    log.info("GPU decode | image refused by the device decoder (%s): decoding it on the CPU",
-                             str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
-                return [_FALLBACK]
-            with self._stats_lock:
-                self.stats["split"] += 1
-            half = len(datas) // 2
-            return self.decode_batch(datas[:half]) + self.decode_batch(datas[half:])
+            if len(datas) == 1 and not oom:
+                log.info("GPU decode | image refused by the device decoder (%s): decoding it on the CPU",
+                         str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        # Out of the except block: the error's traceback held the failed attempt's tensors, so only
+        # now does emptying the cache give their memory back before the halves run.
+        if oom and self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+        if len(datas) == 1:
+            return [_FALLBACK]
+        with self._stats_lock:
+            self.stats["split"] += 1
+        half = len(datas) // 2
+        return self.decode_batch(datas[:half]) + self.decode_batch(datas[half:])
 
     def _device_batch(self, datas: list[bytes]) -> np.ndarray:
         from torchvision.io import ImageReadMode, decode_jpeg

@@ -32,6 +32,7 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hashret.engines.base import out_of_memory
 from hashret.errors import ArtifactMismatch, BadInput, MissingArtifact, Unavailable
 from hashret.images import PreprocessSpec
 from hashret.manifest import versions
@@ -141,6 +142,9 @@ class Metrics:
         self.queue_depth = Gauge("hashret_queue_depth", "requests waiting for inference or being decoded",
                                  registry=r)
         self.gallery_size = Gauge("hashret_gallery_size", "items in the gallery", registry=r)
+        self.out_of_memory = Counter("hashret_inference_out_of_memory", "inference batches that ran out of "
+                                     "memory: encoded again in halves (a single image that does not fit fails)",
+                                     registry=r)
         # hashret_stage_seconds{stage=...}: where a request's time went (serve.stages)
         self.stages = Stages(r, tracer_provider)
         self._http = None
@@ -153,6 +157,13 @@ class Metrics:
         child.observe(seconds)
         if code != "OK":
             self.errors.labels(method, code).inc()
+
+    def split_when(self, error: BaseException) -> bool:
+        """The batcher's test for errors worth a retry in halves (out of memory), counted."""
+        if not out_of_memory(error):
+            return False
+        self.out_of_memory.inc()
+        return True
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -423,7 +434,7 @@ class HashretServer:
         cfg = self.cfg
         batcher = Batcher(
             engine.encode, max_batch=cfg.max_batch, max_delay_us=cfg.max_delay_us, queue_size=cfg.queue_size,
-            on_batch=self.metrics.observe_batch,
+            on_batch=self.metrics.observe_batch, split_when=self.metrics.split_when,
         )
         info = {
             "model": exp_summary(manifest),

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import pytest
 
+from hashret.engines import out_of_memory
 from hashret.errors import Overloaded
 from serve.batcher import Batcher, Expired
 
@@ -98,3 +101,97 @@ def test_full_queue_is_refused_and_expired_items_are_dropped():
             f2.result(5)
         assert f1.result(5)[0] == 1
         assert b.stats.dropped == 1
+
+
+class Blob:
+    """Stands for the device memory a failed attempt allocated (its tensors)."""
+
+
+class ShortOfMemory:
+    """An encode that runs out of memory above `fits` images, or whenever `never` is in the batch.
+
+    Each attempt allocates a Blob and keeps only a weak reference to it, so the next attempt can
+    tell whether the failed one's memory was freed before it ran (a traceback held while retrying
+    would keep it alive).
+    """
+
+    def __init__(self, error: Callable[[], BaseException], fits: int = 2, never: int | None = None):
+        self.error, self.fits, self.never = error, fits, never
+        self.sizes: list[int] = []
+        self.held_while_retrying = 0
+        self._last: weakref.ref | None = None
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        if self._last is not None and self._last() is not None:
+            self.held_while_retrying += 1
+        blob = Blob()
+        self._last = weakref.ref(blob)
+        self.sizes.append(len(images))
+        if len(images) > self.fits or (self.never is not None and (images[:, 0, 0, 0] == self.never).any()):
+            raise self.error()
+        return images.reshape(len(images), -1)[:, :4].astype(np.float32)
+
+
+def _batch_of(b: Batcher, values: list[int]) -> list:
+    tickets = [b.reserve() for _ in values]  # all reserved first: they form one batch
+    return [t.submit(image(v)) for t, v in zip(tickets, values)]
+
+
+def test_out_of_memory_splits_the_batch_and_every_request_is_answered():
+    import torch
+
+    enc = ShortOfMemory(lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), fits=2)
+    with Batcher(enc, max_batch=8, max_delay_us=5_000_000, split_when=out_of_memory) as b:
+        futs = _batch_of(b, list(range(8)))
+        outs = [f.result(10) for f in futs]
+    assert [o[0] for o in outs] == list(range(8))
+    assert enc.sizes == [8, 4, 2, 2, 4, 2, 2]  # halved depth first until each part fits
+    assert b.stats.splits == 3 and b.stats.batches == 4 and b.stats.items == 8
+    assert enc.held_while_retrying == 0  # the failed attempt's memory was freed before each retry
+
+
+def test_an_image_that_does_not_fit_alone_fails_alone():
+    enc = ShortOfMemory(lambda: RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate "
+                                             "memory for requested buffer of size 1073741824"), fits=8, never=3)
+    with Batcher(enc, max_batch=4, max_delay_us=5_000_000, split_when=out_of_memory) as b:
+        futs = _batch_of(b, [1, 2, 3, 4])
+        with pytest.raises(Overloaded, match="out of memory encoding a single image .*Failed to allocate memory"):
+            futs[2].result(10)
+        assert [futs[i].result(10)[0] for i in (0, 1, 3)] == [1, 2, 4]
+    assert b.stats.items == 3
+
+
+def test_other_errors_fail_the_whole_batch_without_a_retry():
+    enc = ShortOfMemory(lambda: RuntimeError("shape mismatch in node Conv_3"), fits=0)
+    with Batcher(enc, max_batch=4, max_delay_us=5_000_000, split_when=out_of_memory) as b:
+        futs = _batch_of(b, [1, 2, 3, 4])
+        for f in futs:
+            with pytest.raises(RuntimeError, match="shape mismatch"):
+                f.result(10)
+    assert enc.sizes == [4] and b.stats.splits == 0
+
+
+def test_without_split_when_out_of_memory_fails_the_batch():
+    enc = ShortOfMemory(MemoryError, fits=1)
+    with Batcher(enc, max_batch=4, max_delay_us=5_000_000) as b:
+        futs = _batch_of(b, [1, 2])
+        for f in futs:
+            with pytest.raises(MemoryError):
+                f.result(10)
+    assert enc.sizes == [2]
+
+
+def test_what_counts_as_out_of_memory():
+    import torch
+
+    from hashret.errors import BadInput
+
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert out_of_memory(MemoryError())
+    assert out_of_memory(RuntimeError("CUDA failure 2: out of memory ; GPU=0"))  # ONNX Runtime's CUDA provider
+    assert out_of_memory(RuntimeError("std::bad_alloc"))
+    assert out_of_memory(RuntimeError("cudaErrorMemoryAllocation"))
+    assert not out_of_memory(RuntimeError("shape mismatch"))
+    assert not out_of_memory(ValueError(""))
+    # our own errors are never retried, whatever they say
+    assert not out_of_memory(BadInput("image | 1e9 pixels would run the server out of memory"))

@@ -185,6 +185,34 @@ def test_a_corrupt_jpeg_fails_alone_in_its_batch(photos, dec):
             assert np.abs(f.result().astype(int) - load_image(batch[n], SPEC).astype(int)).max() <= 2
 
 
+def test_out_of_memory_halves_the_batch_after_freeing_the_failed_attempt(photos, dec, monkeypatch):
+    """A device batch that runs out of memory is decoded again in halves, and the memory the
+    failed attempt held (here a stand-in object) is free before the halves run: a retry from
+    inside the except block would keep it alive through the error's traceback."""
+    import weakref
+
+    class Blob:
+        pass
+
+    real, last, held, sizes = dec._device_batch, [None], [0], []
+
+    def short_of_memory(datas):
+        if last[0] is not None and last[0]() is not None:
+            held[0] += 1
+        blob = Blob()
+        last[0] = weakref.ref(blob)
+        sizes.append(len(datas))
+        if len(datas) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+        return real(datas)
+
+    monkeypatch.setattr(dec, "_device_batch", short_of_memory)
+    out = dec.decode_batch(photos[:8])
+    assert sizes == [8, 4, 2, 2, 4, 2, 2] and dec.stats["split"] == 3
+    assert all(isinstance(o, np.ndarray) for o in out)  # nothing fell back: smaller batches fit
+    assert held[0] == 0
+
+
 def test_closed_decoder_and_missing_cuda(photos):
     d = GpuDecoder(SPEC, "cpu")
     d.close()

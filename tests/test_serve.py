@@ -413,6 +413,49 @@ def test_metrics_endpoint(server, client, data):
         assert needle in text, needle
 
 
+def test_out_of_memory_in_a_batch_is_retried_in_halves(server, data):
+    """A batch that runs out of (GPU) memory is encoded again in halves: every request gets the
+    answer it gets alone, and /metrics counts the event. Device OOM cannot happen on this CPU host,
+    so the real engine is wrapped to raise torch's own OOM type for any batch above one image; the
+    first batch is held until the other requests are queued, so a large batch follows."""
+    import torch
+
+    queries = [Path(p).read_bytes() for p in data[2][:8]]
+    with RetrievalClient(server.address, timeout=60) as c:
+        alone = [as_pairs(c.search(q, k=3)) for q in queries]
+    batcher = server.server.pairs.live.batcher
+    real, gate, calls = batcher._encode, threading.Event(), []
+
+    def tight(images):
+        calls.append(len(images))
+        if len(calls) == 1:
+            gate.wait(60)
+        if len(images) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB (injected)")
+        return real(images)
+
+    def one(q):
+        with RetrievalClient(server.address, timeout=60) as c:
+            return as_pairs(c.search(q, k=3))
+
+    batcher._encode = tight
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futs = [pool.submit(one, q) for q in queries]
+            deadline = time.monotonic() + 60
+            while (not calls or batcher.depth < 8 - calls[0]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gate.set()
+            got = [f.result(60) for f in futs]
+    finally:
+        batcher._encode = real
+    assert got == alone
+    assert max(calls) >= 4 and calls.count(1) == 8  # every image was finally encoded alone
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    # halving a batch of n down to single images meets n - 1 failures: 6 for two batches of 8 in all
+    assert "hashret_inference_out_of_memory_total 6.0" in text
+
+
 def test_query_cli(server, data, capsys):
     from hashret.cli import main
 

@@ -18,13 +18,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hashret.engines.base import Engine
+from hashret.engines.base import Engine, out_of_memory
 from hashret.errors import ArtifactMismatch, MissingArtifact, Unavailable
 from hashret.manifest import load_manifest, verify_file
 from hashret.registry import Registry
 
 __all__ = ["ENGINES", "BackendSpec", "Engine", "open_engine", "model_id", "available_backends",
-           "backend_spec", "register_backend", "unavailable_reason"]
+           "backend_spec", "register_backend", "unavailable_reason", "out_of_memory"]
 
 MODEL_ONNX = "model.onnx"
 

@@ -5,9 +5,41 @@
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
-from hashret.errors import BadInput
+from hashret.errors import BadInput, HashretError
+
+# What the engine libraries' errors say when an allocation failed: ONNX Runtime's arena and CUDA
+# provider, OpenVINO, the CUDA runtime and driver, C++'s std::bad_alloc.
+_OOM_PHRASES = ("out of memory", "failed to allocate memory", "bad_alloc", "cudaerrormemoryallocation",
+                "cuda_error_out_of_memory")
+
+
+def torch_oom_errors() -> tuple[type[BaseException], ...]:
+    """torch's out-of-memory exception types (for `except`), or () where torch is not loaded."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return ()
+    kinds = (getattr(torch, "OutOfMemoryError", None), getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None))
+    return tuple(dict.fromkeys(t for t in kinds if isinstance(t, type)))
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an engine's error means it ran out of (device or host) memory: a smaller batch may fit.
+
+    Our own errors (bad input, missing artifacts) never count, whatever their text says.
+    """
+    if isinstance(error, HashretError):
+        return False
+    if isinstance(error, MemoryError):
+        return True
+    kinds = torch_oom_errors()
+    if kinds and isinstance(error, kinds):
+        return True
+    text = str(error).lower()
+    return any(p in text for p in _OOM_PHRASES)
 
 
 class Engine:

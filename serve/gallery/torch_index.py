@@ -71,10 +71,11 @@ def resolve_device(device: str, what: str):
 
 
 def _oom_errors() -> tuple[type[BaseException], ...]:
-    import torch
+    import torch  # noqa: F401  (loaded, so its types are found)
 
-    return tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                             getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    from hashret.engines.base import torch_oom_errors
+
+    return torch_oom_errors()
 
 
 def popcount64(x):
@@ -170,10 +171,11 @@ class TorchFlatIndex:
                         f"torch-flat on {self.device} | out of device memory scanning {len(q)} queries even "
                         f"{rows} codes at a time: send fewer queries per call or free the device"
                     ) from None
-                rows = max(k, rows // 2)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                log.warning("torch-flat | out of device memory: scanning %d codes per chunk and retrying", rows)
+            # out of the except block: the error's traceback no longer holds the scan's temporaries
+            rows = max(k, rows // 2)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("torch-flat | out of device memory: scanning %d codes per chunk and retrying", rows)
         keys = keys.cpu().numpy()
         return (keys >> ROW_BITS).astype(np.int32), keys & ((1 << ROW_BITS) - 1)
 
