@@ -353,7 +353,6 @@ def _tie_aware_ap(hist_n: np.ndarray, hist_r: np.ndarray, k: int, H: np.ndarray)
     (x/m) * sum_{j<=m} (R0 + 1 + (j-1)(x-1)/(m-1)) / (N0+j). As AP@k divides by R_k = R0 + x, the
     expectation is taken over x exactly (sum over its support), not of a ratio of means.
     """
-    c = hist_n.shape[0]
     N0 = np.cumsum(hist_n, axis=1) - hist_n  # items before each group
     R0 = np.cumsum(hist_r, axis=1) - hist_r
     full = (N0 + hist_n) <= k

@@ -424,7 +424,6 @@ class HashretServer:
             raise
 
     def _build(self, manifest, mid, spec, gallery, engine) -> None:
-        cfg = self.cfg
         self.service = self._new_service(manifest, mid, spec, gallery, engine)
         self.metrics.registry.register(SnapshotCollector(self.service.snapshots))
         self._build_rpc()

@@ -190,16 +190,16 @@ def test_a_setup_record_may_not_overwrite_a_hyper_parameter():
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda l: l(torch.zeros(2, 8), torch.tensor([0, 1])), r"no hash centers yet: call setup"),
-        (lambda l: (l.setup(torch.tensor([0, 1]), 8, 0), l(torch.zeros(2, 8), torch.tensor([0, 5])))[1],
+        (lambda fn: fn(torch.zeros(2, 8), torch.tensor([0, 1])), r"no hash centers yet: call setup"),
+        (lambda fn: (fn.setup(torch.tensor([0, 1]), 8, 0), fn(torch.zeros(2, 8), torch.tensor([0, 5])))[1],
          r"class 5 has no hash center"),
-        (lambda l: (l.setup(torch.tensor([0, 1]), 8, 0), l(torch.zeros(2, 16), torch.tensor([0, 1])))[1],
+        (lambda fn: (fn.setup(torch.tensor([0, 1]), 8, 0), fn(torch.zeros(2, 16), torch.tensor([0, 1])))[1],
          r"centers have 8 bits, the codes 16"),
-        (lambda l: (l.setup(torch.tensor([0, 1]), 8, 0), l(torch.zeros(3, 8), torch.tensor([0, 1])))[1],
+        (lambda fn: (fn.setup(torch.tensor([0, 1]), 8, 0), fn(torch.zeros(3, 8), torch.tensor([0, 1])))[1],
          r"2 labels for a batch of 3"),
-        (lambda l: (l.setup(torch.tensor([0, 1]), 8, 0), l(torch.zeros(2, 8), torch.tensor([[1, 0], [0, 1]])))[1],
+        (lambda fn: (fn.setup(torch.tensor([0, 1]), 8, 0), fn(torch.zeros(2, 8), torch.tensor([[1, 0], [0, 1]])))[1],
          r"expected class ids \[B\] like the training labels"),
-        (lambda l: CSQLoss(quant_weight=-1.0), r"csq quant_weight \| -1.0 is not >= 0"),
+        (lambda fn: CSQLoss(quant_weight=-1.0), r"csq quant_weight \| -1.0 is not >= 0"),
     ],
 )
 def test_csq_bad_input(call, match):

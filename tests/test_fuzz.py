@@ -22,7 +22,6 @@ import random
 import struct
 import threading
 import time
-import warnings
 import zlib
 from pathlib import Path
 

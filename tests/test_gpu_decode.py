@@ -7,7 +7,6 @@ photos, the code parity report, and the service answering through it. CUDA-only 
 from __future__ import annotations
 
 import io
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 

@@ -33,8 +33,8 @@ def _hashnet_by_hand(h, labels, alpha, beta):
     num = den = 0.0
     for (i, j), wij in w.items():
         ip = sum(a * b for a, b in zip(z[i], z[j]))
-        l = math.log(1 + math.exp(alpha * ip)) - alpha * S[i][j] * ip
-        num += wij * l
+        loss = math.log(1 + math.exp(alpha * ip)) - alpha * S[i][j] * ip
+        num += wij * loss
         den += wij
     return num / den
 
@@ -55,8 +55,8 @@ def _dch_by_hand(h, labels, gamma, quant_weight):
     for (i, j), wij in w.items():
         d = _hamming_by_hand(z[i], z[j])
         # paper form: s log(d/gamma) + log(1 + gamma/d)
-        l = S[i][j] * math.log(d / gamma) + math.log(1 + gamma / d)
-        num += wij * l
+        loss = S[i][j] * math.log(d / gamma) + math.log(1 + gamma / d)
+        num += wij * loss
         den += wij
     q = [math.log(1 + _hamming_by_hand([abs(v) for v in zi], [1.0] * len(zi)) / gamma) for zi in z]
     return num / den + quant_weight * sum(q) / len(q)

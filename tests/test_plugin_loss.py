@@ -48,9 +48,9 @@ class ContrastiveLoss(HashLoss):
         z = F.normalize(self.codes(h), dim=1)
         c = z @ z.t()
         s = S.to(c.dtype)
-        l = s * (1.0 - c) + (1.0 - s) * (c - self.contrast_margin).clamp(min=0.0)
+        pair = s * (1.0 - c) + (1.0 - s) * (c - self.contrast_margin).clamp(min=0.0)
         off = ~torch.eye(len(h), dtype=torch.bool, device=h.device)
-        return self.contrast_scale * l[off].mean() if off.any() else l.sum() * 0.0
+        return self.contrast_scale * pair[off].mean() if off.any() else pair.sum() * 0.0
 
 
 @pytest.fixture()

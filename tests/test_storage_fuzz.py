@@ -431,7 +431,9 @@ def server_cases(st: State) -> list[tuple[str, Mutation, bool]]:
     man, wal = st.files["manifest.json"], st.files["wal.jsonl"]
     codes = next(n for n in st.files if n.endswith(".codes.npy"))
     acts = next(n for n in st.files if n.endswith(".activations.npy"))
-    after = lambda text, key: text.find(key) + len(key)
+    def after(text, key):
+        return text.find(key) + len(key)
+
     last = wal.rstrip(b"\n").rfind(b"\n") + 1
     return [
         ("wal_seq digit", Mutation("manifest.json", "flip", after(man, b'"wal_seq": '), 0), True),
@@ -518,7 +520,9 @@ def test_milvus_lite_manifest_damage_is_refused_or_harmless(milvus_state):
     st = milvus_state
     theirs = sorted(set(st.files) - {"manifest.json"})
     assert "milvus.db" in theirs
-    sealed = lambda m: {k: m.get(k) for k in GALLERY_CHECKSUM_FIELDS}
+    def sealed(m):
+        return {k: m.get(k) for k in GALLERY_CHECKSUM_FIELDS}
+
     want = sealed(json.loads(st.files["manifest.json"]))
     muts = plan({"manifest.json": st.files["manifest.json"]}, budget() // 3, seed=16, focus={})
     opens = len(muts) if FUZZ_ENV in os.environ else MILVUS_OPENS

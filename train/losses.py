@@ -166,10 +166,10 @@ def _pair_weights(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w, mask
 
 
-def _weighted_mean(l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _weighted_mean(loss: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     # total is 0 (a batch of one: no pairs, result 0 with the graph kept) or >= 2.
     total = w.sum().clamp(min=1.0)
-    return (l * w.to(l.dtype)).sum() / total.to(l.dtype)
+    return (loss * w.to(loss.dtype)).sum() / total.to(loss.dtype)
 
 
 def _hamming(zi: torch.Tensor, zj: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -346,9 +346,9 @@ class HashNetLoss(HashLoss):
         z = self.codes(h)
         ip = alpha * (z @ z.t())
         s = S.to(ip.dtype)
-        l = F.softplus(ip) - s * ip
+        loss = F.softplus(ip) - s * ip
         w, _ = _pair_weights(S)
-        return _weighted_mean(l, w)
+        return _weighted_mean(loss, w)
 
 
 # --------------------------------------------------------------------------- DCH
@@ -423,9 +423,9 @@ class DCHLoss(HashLoss):
         s = S.to(d.dtype)
         l_sim = torch.log1p(d / g)
         l_dis = torch.log1p(g / (d + self.eps))
-        l = s * l_sim + (1.0 - s) * l_dis
+        loss = s * l_sim + (1.0 - s) * l_dis
         w, _ = _pair_weights(S)
-        pair = _weighted_mean(l, w)
+        pair = _weighted_mean(loss, w)
         if self.quant_weight == 0.0:
             return pair
         ones = torch.ones(1, z.shape[1], dtype=z.dtype, device=z.device)
