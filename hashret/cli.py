@@ -1,7 +1,7 @@
 """The `hashret` entry point: it only dispatches to each stage's `add_args` / `run`.
 
 Stage modules are imported lazily so `hashret --help` and light commands start fast.
-Exit codes: 0 ok, 1 a check or threshold failed, 2 bad input or a missing/mismatched artifact.
+Exit codes: 0 ok, 1 a check or threshold failed, 2 bad input, a missing/mismatched artifact, or out of memory.
 """
 from __future__ import annotations
 
@@ -93,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from hashret.engines.base import out_of_memory
+
+        if not out_of_memory(e):
+            raise
+        # a traceback says nothing more here; the way out is a smaller batch or a freer device
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        print(f"error: {command} | out of memory ({first}): run it with a smaller batch (--batch, --max-batch) "
+              f"or on a device with more free memory", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -263,3 +263,28 @@ def test_torch_cuda_graphs(exp, golden):
     with open_engine(exp, "torch", device="cuda", graph_batches=(1, 4)) as eng:
         out = eng.encode(golden["images"][:6])  # 4 + a padded 2 -> 4
     assert agreement(out, golden["activations"][:6]) >= 0.98
+
+
+def test_the_cli_reports_out_of_memory_in_one_line(monkeypatch, capsys):
+    """A command that runs out of (GPU) memory ends with one line naming the command, the
+    library's own words and the way out, exit code 2; any other crash keeps its traceback."""
+    import torch
+
+    import export.check
+    from hashret.cli import main
+
+    def short_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    monkeypatch.setattr(export.check, "run", short_of_memory)
+    assert main(["check", "EXP", "--backend", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("error: check | out of memory (CUDA out of memory. Tried to allocate 20.00 GiB): run it "
+                           "with a smaller batch (--batch, --max-batch) or on a device with more free memory")
+
+    def bug(args):
+        raise RuntimeError("an index out of range")
+
+    monkeypatch.setattr(export.check, "run", bug)
+    with pytest.raises(RuntimeError, match="index out of range"):
+        main(["check", "EXP", "--backend", "torch"])
