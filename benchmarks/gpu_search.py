@@ -2,6 +2,9 @@
 
 Methods (each where available):
 
+* ``torch-flat`` the served index kind itself (serve/gallery/torch_index.py), as `hashret serve`
+  searches a torch-flat gallery: its own chunking (not --max-matrix-bytes), exact FAISS tie order,
+  distances by its fused CuPy kernel where CuPy runs, else by torch (the row's ``scan``);
 * ``cupy-popc``  a CuPy elementwise kernel: __popcll(q XOR code) per 64-bit word, then a top-k;
 * ``torch-lut``  torch: XOR the packed bytes, a 256-entry popcount lookup table, sum per code;
 * ``torch-swar`` torch: XOR as int32 words and the SWAR bit-count (shift/mask/add), sum per code.
@@ -30,7 +33,7 @@ from hashret.errors import BadInput, HashretError, Unavailable
 
 log = logging.getLogger("hashret.bench.gpu_search")
 
-METHODS = ("cupy-popc", "torch-lut", "torch-swar")
+METHODS = ("torch-flat", "cupy-popc", "torch-lut", "torch-swar")
 
 
 class TorchSearcher:
@@ -144,7 +147,36 @@ class CupySearcher:
         self.cp.cuda.Device().synchronize()
 
 
+class IndexSearcher:
+    """The torch-flat index kind, searched as the gallery searches it (its chunking, its kernel)."""
+
+    def __init__(self, db: np.ndarray, device: str):
+        import torch
+
+        from serve.gallery.torch_index import TorchFlatIndex, resolve_device
+
+        self.torch = torch
+        self.device = resolve_device(device, "--device")
+        self.index = TorchFlatIndex(db.shape[1] * 8, self.device)
+        self.index.add(db)
+
+    def bytes_on_device(self) -> int:
+        return self.index.bytes_on_device()
+
+    def search(self, queries: np.ndarray, k: int):
+        return self.index.search(queries, k)
+
+    def details(self) -> dict[str, Any]:
+        return {"scan": self.index.scan_method}
+
+    def sync(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+
 def make(method: str, db: np.ndarray, device: str, max_matrix_bytes: int):
+    if method == "torch-flat":
+        return IndexSearcher(db, device)
     if method == "cupy-popc":
         return CupySearcher(db, device, method, max_matrix_bytes)
     if method in ("torch-lut", "torch-swar"):
@@ -219,7 +251,7 @@ def run_gpu_search(sizes, bits=64, n_queries=100, ks=(10, 100), methods=METHODS,
                     progress(f"skip {method} k={k}: {type(e).__name__}: {e}")
                     continue
                 row = {"method": method, "device": device, "gpu": gpu, "size": n, "bits": bits, "k": k,
-                       "device_bytes": s.bytes_on_device(), **r}
+                       "device_bytes": s.bytes_on_device(), **getattr(s, "details", dict)(), **r}
                 results.append(row)
                 progress(f"  {method:<11} n={n:>11,} k={k:<4} p50 {r['per_query']['p50_ms']:.3f} ms "
                          f"batch {r['batch']['per_query_ms']:.4f} ms/q recall {r.get('recall', '-')}")
@@ -238,7 +270,7 @@ HEAD = ["method", "device", "size", "bits", "k", "q p50 ms", "q p99 ms", "batch 
 def report_table(doc: dict[str, Any]):
     rows = []
     for r in doc.get("results", []):
-        rows.append([r["method"], r.get("gpu") or r["device"], f"{r['size']:,}", r["bits"], r["k"],
+        rows.append([r["method"] + (f" ({r['scan']})" if r.get("scan") else ""), r.get("gpu") or r["device"], f"{r['size']:,}", r["bits"], r["k"],
                      f"{r['per_query']['p50_ms']:.3f}", f"{r['per_query']['p99_ms']:.3f}",
                      f"{r['batch']['per_query_ms']:.4f}", r.get("recall", "-"),
                      f"{r['device_bytes'] / 2**20:.1f}"])

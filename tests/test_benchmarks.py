@@ -513,3 +513,18 @@ def test_serve_load_refuses_remote_targets():
     assert not serve_load.is_loopback("10.0.0.1:50051")
     with pytest.raises(BadInput, match="loopback"):
         serve_load.run(parse(["serve", "--addr", "10.0.0.1:50051"]))
+
+
+def test_gpu_search_measures_the_served_index_kind(tmp_path):
+    """`benchmarks.gpu_search --methods torch-flat` times the torch-flat index as a server
+    searches it (on the CPU here): exact answers, and the row names how distances were counted."""
+    from benchmarks import gpu_search
+
+    out = tmp_path / "g.json"
+    assert gpu_search.main(["--sizes", "3000", "--queries", "6", "--k", "1,10", "--device", "cpu", "--warmup", "1",
+                            "--check-queries", "6", "--methods", "torch-flat,torch-swar", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    flat = [r for r in doc["results"] if r["method"] == "torch-flat"]
+    assert [r["k"] for r in flat] == [1, 10] and all(r["recall"] == 1.0 for r in flat)
+    assert all(r["scan"] == "torch-swar" and r["device_bytes"] == 3000 * 8 for r in flat)  # no CuPy on a CPU
+    assert "scan" not in next(r for r in doc["results"] if r["method"] == "torch-swar")

@@ -6,8 +6,10 @@ CUDA-only checks skip with their reason on a host without a GPU.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,8 @@ import pytest
 from hashret.errors import ArtifactMismatch, BadInput, Unavailable
 from serve.gallery import create_gallery, open_gallery
 from serve.gallery.faiss_index import CRASH_ENV
-from serve.gallery.torch_index import TorchFlatGallery, TorchFlatIndex, popcount64
+from serve.gallery import torch_index
+from serve.gallery.torch_index import TorchFlatGallery, TorchFlatIndex, popcount64, smallest_keys, torch_distances
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "5a" * 32
@@ -81,7 +84,8 @@ def test_chunked_scan_merges_to_the_same_answer():
     db, q = codes(5000, 32, 1), codes(9, 32, 2)
     one = TorchFlatIndex(32, torch.device("cpu"))
     one.add(db)
-    small = TorchFlatIndex(32, torch.device("cpu"), chunk_bytes=9 * 24 * 100)  # ~100 codes per chunk
+    pair = one._pair_bytes()  # scan temporaries per (query, code)
+    small = TorchFlatIndex(32, torch.device("cpu"), chunk_bytes=9 * pair * 100)  # 100 codes per chunk
     small.add(db[:1234])
     small.add(db[1234:])  # growth past the first capacity
     for k in (1, 10, 250):
@@ -91,6 +95,68 @@ def test_chunked_scan_merges_to_the_same_answer():
         ref = np.unpackbits(q[:, None, :] ^ db[None], axis=2).sum(2)
         order = np.lexsort((np.broadcast_to(np.arange(5000), ref.shape), ref), axis=1)[:, :k]
         assert np.array_equal(r1, order) and np.array_equal(d1, np.take_along_axis(ref, order, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int64])
+def test_smallest_keys_is_exact_and_takes_the_lower_rows_at_a_tie(dtype):
+    """The selection by a histogram of distances and a running count of ties equals sorting
+    every (distance, row) pair, on distances that tie nearly everywhere."""
+    rng = np.random.default_rng(3)
+    for n_q, n, hi in ((5, 1000, 4), (3, 64, 2), (1, 7, 1), (4, 300, 65)):
+        d = rng.integers(0, hi, (n_q, n))
+        want = np.sort((d << 40) + np.arange(n) + 1000, axis=1)
+        for k in sorted({1, 2, 17, n - 1, n} - {0}):
+            if k > n:
+                continue
+            got = smallest_keys(torch.from_numpy(d).to(dtype), k, 1000, hi - 1).numpy()
+            assert np.array_equal(got, want[:, :k]), (n_q, n, hi, k)
+
+
+def test_the_fused_kernel_is_checked_before_use(monkeypatch, caplog):
+    """Where CuPy runs (a CUDA device), distances come from one fused kernel; it is tried on the
+    first scan and kept only if it builds and agrees with torch's count, so a broken CuPy costs
+    speed, never answers. Shown here with stand-in kernels on an index told to try one."""
+    db, q = codes(3000, 64, 1), codes(4, 64, 2)
+    ref = TorchFlatIndex(64, torch.device("cpu"))
+    ref.add(db)
+    want = ref.search(q, 10)
+    assert ref.scan_method == "torch-swar"  # on the CPU no kernel is tried
+    calls = []
+
+    class Agrees:
+        def __init__(self, device):
+            pass
+
+        def __call__(self, qq, rows):
+            calls.append(len(rows))
+            return torch_distances(qq, rows)
+
+    class Disagrees(Agrees):
+        def __call__(self, qq, rows):
+            return torch_distances(qq, rows) + 1
+
+    class Missing:
+        def __init__(self, device):
+            raise ModuleNotFoundError("No module named 'cupy'")
+
+    for kernel, method, warning in ((Missing, "torch-swar", "CuPy distance kernel is unavailable .*No module named"),
+                                    (Disagrees, "torch-swar", "disagrees with torch's count"),
+                                    (Agrees, "cupy-popc", None)):
+        monkeypatch.setattr(torch_index, "FusedHamming", kernel)
+        idx = TorchFlatIndex(64, torch.device("cpu"))
+        idx._fused = None  # as on a CUDA device: try the kernel on the first scan
+        idx.add(db)
+        caplog.clear()
+        calls.clear()
+        with caplog.at_level("INFO", logger="hashret.gallery"):
+            got = idx.search(q, 10)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        assert idx.scan_method == method
+        if warning:
+            assert any(r.levelname == "WARNING" and re.search(warning, r.getMessage())
+                       for r in caplog.records), warning
+        else:
+            assert calls[0] == 3000 and sum(calls[1:]) == 3000  # the probe, then the whole scan by the kernel
 
 
 def test_popcount64_counts_every_bit_pattern():
@@ -274,6 +340,8 @@ def test_cuda_search_equals_cpu_search_and_frees_memory(tmp_path):
     for k in (1, 10, 100):
         a, b = cpu.search(q, k), gpu.search(q, k)
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    if importlib.util.find_spec("cupy") is not None:
+        assert gpu.scan_method == "cupy-popc"  # the fused kernel built and agreed with torch's count
     assert torch.cuda.memory_allocated() == base  # scan temporaries all freed
     gpu.release()
     with create_gallery(tmp_path / "g", "torch-flat", 64, SHA) as g:

@@ -8,10 +8,21 @@ snapshots, the manifest and their checks (serve/gallery/faiss_index.py). Only th
 `IndexBinaryFlat` (built lazily, appended to on upsert, rebuilt after a replace or delete).
 
 Results equal faiss-flat's item for item: distances are exact, and ties go to the lower row
-(the item inserted first). The scan ranks by one int64 key per code, `distance << 40 | row`;
-keys are distinct, so top-k over them has a single answer whatever order the selection visits
-them in. Rows are scanned in chunks whose temporaries fit `CHUNK_BYTES`; a CUDA out-of-memory
-error halves the chunk and retries, so a large batch of queries slows down instead of failing.
+(the item inserted first). A chunk of rows is scanned in three steps, each a pass over small
+values rather than a sort of wide keys (a radix select costs one pass per few bits of its key,
+so 16-bit distances beat 64-bit `distance | row` keys several times over at 100M codes):
+
+1. distances as int16 [Q, rows]: one fused CuPy kernel (`__popcll` of the XOR, per 64-bit word)
+   where CuPy runs on the CUDA device, else torch's XOR and a SWAR bit count;
+2. per query, the k-th smallest distance t (from a histogram of the distances), then every row
+   below t and the first rows (in row order, by a running count) at t, exactly k in all;
+3. those k as `distance << 40 | row` keys, sorted; chunks merge by a top-k over the keys.
+
+The fused kernel checks itself against the torch count on its first scan and is dropped (with
+a warning) if they differ or it fails to build, so a CuPy problem costs speed, never answers.
+Rows are scanned in chunks whose temporaries fit `CHUNK_BYTES` (on a GPU, up to an eighth of
+its free memory); a CUDA out-of-memory error halves the chunk and retries, so a large batch of
+queries slows down instead of failing.
 
 The gallery option `device` (cuda, cuda:N or cpu; default cuda) is sealed in the manifest by
 `hashret index build --search-device`; `hashret serve --search-device` overrides it for one
@@ -36,8 +47,12 @@ log = logging.getLogger("hashret.gallery")
 
 DEFAULT_DEVICE = "cuda"
 ROW_BITS = 40  # rows per key: up to 2**40 codes; the distance sits above them
-#: bytes of scan temporaries per chunk (the XOR words and two SWAR intermediates per code and query)
+#: bytes of scan temporaries per chunk (see _pair_bytes) on the CPU, and at least on a GPU
 CHUNK_BYTES = 256 << 20
+MAX_GPU_CHUNK_BYTES = 8 << 30
+#: per (query, code) pair, the selection's temporaries: the int16 distance, its int32 copy shifted
+#: per query for the histogram, three masks and a running count (int32)
+_SELECT_BYTES = 2 + 4 + 3 + 4
 _WORD = 8  # codes are scanned as int64 words; a code whose width is not a multiple is zero-padded
 
 _M1, _M2, _M4 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F
@@ -100,7 +115,7 @@ class TorchFlatIndex:
     (distances int32 [Q, k], rows int64 [Q, k]) sorted by (distance, row), k <= ntotal.
     """
 
-    def __init__(self, bits: int, device, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, bits: int, device, chunk_bytes: int | None = None):
         import torch
 
         self.torch = torch
@@ -109,9 +124,11 @@ class TorchFlatIndex:
         self.nbytes = self.d // 8
         self.words = -(-self.nbytes // _WORD)
         self.ntotal = 0
-        self.chunk_bytes = int(chunk_bytes)
+        self.chunk_bytes = None if chunk_bytes is None else int(chunk_bytes)  # None: see _chunk_bytes
         self._db = torch.zeros((0, self.words), dtype=torch.int64, device=device)
         self.broken = False  # an add failed (device memory): the gallery rebuilds before searching
+        # the fused distance kernel: None untried, False unavailable here
+        self._fused = None if getattr(device, "type", str(device)) == "cuda" else False
 
     def _words(self, codes: np.ndarray):
         codes = np.ascontiguousarray(codes, np.uint8)
@@ -158,9 +175,7 @@ class TorchFlatIndex:
         if k < 1 or not len(queries):
             return np.zeros((len(queries), 0), np.int32), np.zeros((len(queries), 0), np.int64)
         q = self._words(queries).to(self.device)
-        # Temporaries per (query, code): the XOR words and two SWAR intermediates, 8 bytes each.
-        per_row = 3 * self.words * _WORD * len(q)
-        rows = max(k, self.chunk_bytes // per_row)
+        rows = max(k, self._chunk_bytes() // (self._pair_bytes() * len(q)))
         while True:
             try:
                 keys = self._scan(q, k, rows)
@@ -179,22 +194,147 @@ class TorchFlatIndex:
         keys = keys.cpu().numpy()
         return (keys >> ROW_BITS).astype(np.int32), keys & ((1 << ROW_BITS) - 1)
 
+    def _chunk_bytes(self) -> int:
+        """The scan's temporaries per chunk: as set, else CHUNK_BYTES, or on a GPU an eighth of
+        its free memory up to MAX_GPU_CHUNK_BYTES, so that a large gallery is scanned in one or a
+        few chunks (each chunk is a dozen kernel launches and a device sync)."""
+        if self.chunk_bytes is not None:
+            return self.chunk_bytes
+        if self.device.type != "cuda":
+            return CHUNK_BYTES
+        free, _ = self.torch.cuda.mem_get_info(self.device)
+        return max(CHUNK_BYTES, min(free // 8, MAX_GPU_CHUNK_BYTES))
+
+    @property
+    def scan_method(self) -> str:
+        """How distances are counted: "cupy-popc" (the fused kernel) or "torch-swar"."""
+        return "cupy-popc" if self._fused else "torch-swar"
+
+    def _pair_bytes(self) -> int:
+        """Scan temporaries per (query, code): the selection's, plus the torch count's XOR words
+        and two SWAR intermediates (8 bytes each) where it counts."""
+        return _SELECT_BYTES + (0 if self._fused else 3 * self.words * _WORD)
+
     def _scan(self, q, k: int, rows: int):
         """The k smallest keys per query over all rows, `rows` codes at a time."""
         torch = self.torch
         best = None
         for a in range(0, self.ntotal, rows):
             b = min(self.ntotal, a + rows)
-            x = torch.bitwise_xor(q[:, None, :], self._db[None, a:b, :])  # [Q, rows, words]
-            d = popcount64(x)
-            del x
-            d = d.sum(dim=2) if self.words > 1 else d[:, :, 0]
-            key = (d << ROW_BITS) + torch.arange(a, b, dtype=torch.int64, device=self.device)
-            del d
-            top = torch.topk(key, min(k, b - a), dim=1, largest=False, sorted=True).values
+            top = smallest_keys(self._distances(q, a, b), min(k, b - a), a, self.d)
             best = top if best is None else torch.topk(
                 torch.cat([best, top], dim=1), k, dim=1, largest=False, sorted=True).values
         return best
+
+    def _distances(self, q, a: int, b: int):
+        """Hamming distances int16 [Q, b - a] from the queries' words to rows a..b."""
+        if self._fused is None:
+            self._fused = self._try_fused(q, a, b)
+        if self._fused:
+            return self._fused(q, self._db[a:b])
+        return torch_distances(q, self._db[a:b])
+
+    def _try_fused(self, q, a: int, b: int):
+        """The fused kernel if it builds and agrees with the torch count on this scan's first rows."""
+        try:
+            kernel = FusedHamming(self.device)
+            probe = self._db[a:min(b, a + 4096)]
+            agree = bool(self.torch.equal(kernel(q[:4], probe), torch_distances(q[:4], probe)))
+        except Exception as e:  # noqa: BLE001 - any failure means: count with torch instead
+            log.warning("torch-flat | the CuPy distance kernel is unavailable on %s (%s): counting with torch, "
+                        "which is slower at large galleries", self.device, _first_line(e))
+            return False
+        if not agree:
+            log.warning("torch-flat | the CuPy distance kernel disagrees with torch's count on %s: not used",
+                        self.device)
+            return False
+        log.info("torch-flat | distances on %s by the fused CuPy kernel", self.device)
+        return kernel
+
+
+def torch_distances(q, db):
+    """Hamming distances int16 [Q, N] between query words int64 [Q, w] and code words [N, w]."""
+    import torch
+
+    x = torch.bitwise_xor(q[:, None, :], db[None, :, :])  # [Q, N, w]
+    d = popcount64(x)
+    del x
+    d = d.sum(dim=2) if d.shape[2] > 1 else d[:, :, 0]
+    return d.to(torch.int16)
+
+
+def smallest_keys(d, k: int, offset: int, bits: int):
+    """Keys `distance << ROW_BITS | (offset + row)` of the k nearest rows per query, ascending.
+
+    d: distances [Q, N] in 0..bits (any integer dtype), 1 <= k <= N. Ties at the k-th distance go
+    to the lower rows, as in FAISS's flat index. Exact, by a histogram of the distances (how many
+    rows at each) rather than a sort or a select over N: every step is one pass over d, which a
+    GPU spreads over all its cores (torch's kthvalue, by contrast, gives a query one block).
+    """
+    import torch
+
+    n_q, n = d.shape
+    if k >= n:
+        rows = torch.arange(n, device=d.device).expand(n_q, n)
+    else:
+        span = bits + 1
+        shifted = d.to(torch.int32) + torch.arange(0, n_q * span, span, dtype=torch.int32, device=d.device)[:, None]
+        hist = torch.bincount(shifted.view(-1), minlength=n_q * span).view(n_q, span)
+        del shifted
+        cum = hist.cumsum(dim=1)
+        t = (cum < k).sum(dim=1, keepdim=True).to(d.dtype)  # the k-th smallest distance per query
+        below = d < t
+        need = k - below.sum(dim=1, keepdim=True, dtype=torch.int32)  # >= 1: ties at t to take
+        at = d == t
+        take = below | (at & (at.cumsum(dim=1, dtype=torch.int32) <= need))
+        del below, at
+        # exactly k per query, and nonzero lists them query by query, rows ascending
+        rows = take.nonzero()[:, 1].view(n_q, k)
+        del take
+    keys = (d.gather(1, rows).to(torch.int64) << ROW_BITS) + (rows + offset)
+    return keys.sort(dim=1).values
+
+
+class FusedHamming:
+    """Hamming distances by one CuPy kernel over torch CUDA tensors (shared, not copied), on
+    torch's current stream: __popcll of each 64-bit word's XOR, summed, as int16."""
+
+    def __init__(self, device):
+        import cupy as cp
+        import torch
+
+        self.cp = cp
+        self.torch = torch
+        self.device = device
+        self.index = device.index if device.index is not None else self.torch.cuda.current_device()
+        with cp.cuda.Device(self.index):
+            self.kernel = cp.ElementwiseKernel(
+                "raw int64 q, raw int64 db, int32 w, int64 n", "int16 d",
+                """
+                long long qi = i / n, j = i % n;
+                int s = 0;
+                for (int t = 0; t < w; ++t)
+                    s += __popcll((unsigned long long)(q[qi * w + t] ^ db[j * w + t]));
+                d = (short)s;
+                """,
+                "hashret_torch_flat_hamming",
+            )
+
+    def __call__(self, q, db):
+        torch, cp = self.torch, self.cp
+        q, db = q.contiguous(), db.contiguous()
+        out = torch.empty((q.shape[0], db.shape[0]), dtype=torch.int16, device=self.device)
+        if out.numel():
+            stream = torch.cuda.current_stream(self.device)
+            with cp.cuda.Device(self.index), cp.cuda.ExternalStream(stream.cuda_stream, self.index):
+                self.kernel(cp.asarray(q), cp.asarray(db), np.int32(q.shape[1]), np.int64(db.shape[0]),
+                            cp.asarray(out))
+        return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 @index_kind("torch-flat")
