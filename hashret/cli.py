@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 from hashret import __version__
-from hashret.errors import HashretError
+from hashret.errors import HashretError, first_line
 
 # name -> (module exposing add_args(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if not out_of_memory(e):
             raise
         # a traceback says nothing more here; the way out is a smaller batch or a freer device
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        print(f"error: {command} | out of memory ({first}): run it with a smaller batch (--batch, --max-batch) "
+        print(f"error: {command} | out of memory ({first_line(e, 300)}): run it with a smaller batch (--batch, --max-batch) "
               f"or on a device with more free memory", file=sys.stderr)
         return 2
 

@@ -68,3 +68,10 @@ class CheckFailed(HashretError):
 
     exit_code = 1
     grpc_code = "FAILED_PRECONDITION"
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message (or its type's name), for a log line or a reply:
+    library errors (CUDA, ONNX Runtime) can run to pages."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from hashret.errors import BadInput, HashretError, Overloaded
+from hashret.errors import BadInput, HashretError, Overloaded, first_line
 from serve import threadnames
 
 log = logging.getLogger("hashret.serve.batcher")
@@ -239,7 +239,7 @@ class Batcher:
                 for it in live:
                     it.future.set_exception(e)
                 return
-            short_of_memory = _first_line(e)
+            short_of_memory = first_line(e)
         if short_of_memory is not None:
             # Out of the except block first: the error's traceback holds the failed attempt's
             # tensors, which must be freed before the halves run.
@@ -280,8 +280,3 @@ class Batcher:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hashret.errors import BadInput, HashretError, Unavailable
+from hashret.errors import BadInput, HashretError, Unavailable, first_line
 from hashret.images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -320,7 +320,7 @@ class GpuDecoder:
             oom = isinstance(e, _oom_errors())
             if len(datas) == 1 and not oom:
                 log.info("GPU decode | image refused by the device decoder (%s): decoding it on the CPU",
-                         str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                         first_line(e))
         # Out of the except block: the error's traceback held the failed attempt's tensors, so only
         # now does emptying the cache give their memory back before the halves run.
         if oom and self.device.type == "cuda":

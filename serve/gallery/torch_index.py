@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from hashret.errors import BadInput, Unavailable
+from hashret.errors import BadInput, Unavailable, first_line
 from serve.gallery.base import index_kind
 from serve.gallery.faiss_index import FaissGallery
 
@@ -158,7 +158,7 @@ class TorchFlatIndex:
             self.release()
             self.broken = True
             log.warning("torch-flat | out of device memory adding %d codes (%s): the index is rebuilt on the "
-                        "next search", len(codes), str(e).splitlines()[0] if str(e) else type(e).__name__)
+                        "next search", len(codes), first_line(e))
 
     def release(self) -> None:
         self._db = self.torch.zeros((0, self.words), dtype=self.torch.int64, device=self.device)
@@ -242,7 +242,7 @@ class TorchFlatIndex:
             agree = bool(self.torch.equal(kernel(q[:4], probe), torch_distances(q[:4], probe)))
         except Exception as e:  # noqa: BLE001 - any failure means: count with torch instead
             log.warning("torch-flat | the CuPy distance kernel is unavailable on %s (%s): counting with torch, "
-                        "which is slower at large galleries", self.device, _first_line(e))
+                        "which is slower at large galleries", self.device, first_line(e))
             return False
         if not agree:
             log.warning("torch-flat | the CuPy distance kernel disagrees with torch's count on %s: not used",
@@ -330,11 +330,6 @@ class FusedHamming:
                 self.kernel(cp.asarray(q), cp.asarray(db), np.int32(q.shape[1]), np.int64(db.shape[0]),
                             cp.asarray(out))
         return out
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 @index_kind("torch-flat")
