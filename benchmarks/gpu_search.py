@@ -270,7 +270,8 @@ HEAD = ["method", "device", "size", "bits", "k", "q p50 ms", "q p99 ms", "batch 
 def report_table(doc: dict[str, Any]):
     rows = []
     for r in doc.get("results", []):
-        rows.append([r["method"] + (f" ({r['scan']})" if r.get("scan") else ""), r.get("gpu") or r["device"], f"{r['size']:,}", r["bits"], r["k"],
+        method = r["method"] + (f" ({r['scan']})" if r.get("scan") else "")
+        rows.append([method, r.get("gpu") or r["device"], f"{r['size']:,}", r["bits"], r["k"],
                      f"{r['per_query']['p50_ms']:.3f}", f"{r['per_query']['p99_ms']:.3f}",
                      f"{r['batch']['per_query_ms']:.4f}", r.get("recall", "-"),
                      f"{r['device_bytes'] / 2**20:.1f}"])

@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         if not out_of_memory(e):
             raise
         # a traceback says nothing more here; the way out is a smaller batch or a freer device
-        print(f"error: {command} | out of memory ({first_line(e, 300)}): run it with a smaller batch (--batch, --max-batch) "
-              f"or on a device with more free memory", file=sys.stderr)
+        print(f"error: {command} | out of memory ({first_line(e, 300)}): run it with a smaller batch "
+              f"(--batch, --max-batch) or on a device with more free memory", file=sys.stderr)
         return 2
 
 
