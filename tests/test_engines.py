@@ -288,3 +288,47 @@ def test_the_cli_reports_out_of_memory_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(export.check, "run", bug)
     with pytest.raises(RuntimeError, match="index out of range"):
         main(["check", "EXP", "--backend", "torch"])
+
+
+def test_a_cuda_graph_that_does_not_fit_is_dropped_for_good(exp, golden, caplog):
+    """The torch engine's graph plan when capturing a batch size runs out of device memory:
+    that size and the larger ones are dropped, the batch runs as smaller graphs, and no later
+    batch pays for the failed capture again. CUDA graphs need a GPU, so the captures here are
+    stand-ins that replay the real CPU forward pass; the plan around them is the engine's own."""
+    import torch
+
+    images = golden["images"][:6]
+    with open_engine(exp, "torch", device="cpu") as eng:
+        want = eng.encode(images)
+        eng.graph_batches, captured, tried = (1, 4, 8, 32), {}, []
+
+        class Replay:
+            def __init__(self, b):
+                self.static_in = torch.zeros((b, eng.size, eng.size, 3), dtype=torch.uint8)
+                self.static_out = torch.zeros((b, eng.bits))
+
+            def replay(self):
+                self.static_out.copy_(eng._forward(self.static_in))
+
+        def graph_for(b):
+            tried.append(b)
+            if b >= fits_up_to:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {b} GiB")
+            g = captured.setdefault(b, Replay(b))
+            return g, g.static_in, g.static_out
+
+        eng._graph_for, fits_up_to = graph_for, 8
+        with caplog.at_level("WARNING", logger="hashret.engines.torch"):
+            got = eng._encode_with_graphs(torch.from_numpy(images))  # 6 images: 8 fails, then 4 + a padded 2
+        assert np.allclose(got, want, atol=1e-5)
+        assert tried == [8, 4, 4] and eng.graph_batches == (1, 4)
+        assert "capturing the CUDA graph for batch 8" in caplog.text and "from now on: 1, 4" in caplog.text
+        tried.clear()
+        assert np.allclose(eng._encode_with_graphs(torch.from_numpy(images)), want, atol=1e-5)
+        assert tried == [4, 4]  # the dropped size is not tried again
+        fits_up_to = 1  # the device fills up: not even one image fits, and that is the caller's error
+        eng._graphs.clear()
+        captured.clear()
+        with pytest.raises(torch.OutOfMemoryError):
+            eng._encode_with_graphs(torch.from_numpy(images))
+        assert eng.graph_batches == (1,)

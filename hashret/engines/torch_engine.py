@@ -6,12 +6,15 @@ captured size, so kernel-launch overhead, which dominates small batches, is paid
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from hashret.engines.base import Engine
-from hashret.errors import BadInput, MissingArtifact, Unavailable
+from hashret.engines.base import Engine, torch_oom_errors
+from hashret.errors import BadInput, MissingArtifact, Unavailable, first_line
+
+log = logging.getLogger("hashret.engines.torch")
 
 DEFAULT_GRAPH_BATCHES = (1, 8, 32)
 
@@ -100,18 +103,41 @@ class TorchEngine(Engine):
             return self._forward(x).numpy()
         if not self.graph_batches:
             return self._forward(x.to(self.dev, non_blocking=True)).cpu().numpy()
+        return self._encode_with_graphs(x)
+
+    def _encode_with_graphs(self, x) -> np.ndarray:
+        """x in chunks of the captured batch sizes, each padded up to the next size and replayed.
+
+        A size whose capture runs out of device memory is dropped for good, with the sizes above
+        it, and the chunk is planned again with what is left: otherwise every batch that needs it
+        would pay for a failed capture again. With no size left, the error is raised (the server's
+        batcher then encodes the batch in halves).
+        """
         outs, i, n = [], 0, x.shape[0]
-        biggest = self.graph_batches[-1]
         while i < n:
-            chunk = x[i:i + biggest]
+            chunk = x[i:i + self.graph_batches[-1]]
             m = chunk.shape[0]
             b = next(s for s in self.graph_batches if s >= m)
-            g, static_in, static_out = self._graph_for(b)
+            failed = None
+            try:
+                g, static_in, static_out = self._graph_for(b)
+            except torch_oom_errors() as e:
+                if b == self.graph_batches[0]:
+                    raise
+                failed = first_line(e)
+            if failed is not None:  # out of the except block: the failed capture's memory is free
+                self._graphs.pop(b, None)
+                self.graph_batches = tuple(s for s in self.graph_batches if s < b)
+                if self.dev.type == "cuda":
+                    self.torch.cuda.empty_cache()
+                log.warning("torch engine | out of device memory capturing the CUDA graph for batch %d (%s): "
+                            "batch sizes from now on: %s", b, failed, ", ".join(map(str, self.graph_batches)))
+                continue
             static_in[:m].copy_(chunk, non_blocking=True)
             if m < b:
                 static_in[m:].zero_()
             g.replay()
-            outs.append(static_out[:m].cpu().numpy())
+            outs.append(static_out[:m].to("cpu", copy=True).numpy())  # the next replay rewrites static_out
             i += m
         return np.concatenate(outs)
 
