@@ -211,19 +211,28 @@ class Batcher:
             batch = self._collect()
             if batch is None:
                 return
-            now = time.monotonic()
-            live: list[_Item] = []
+            running = []
             for it in batch:
-                if not it.future.set_running_or_notify_cancel():
-                    self.stats.dropped += 1  # cancelled: the client is gone
-                elif it.deadline is not None and now >= it.deadline:
-                    self.stats.dropped += 1
-                    waited = (now - it.enqueued) * 1e3
-                    it.future.set_exception(Expired(f"request | deadline passed after {waited:.1f} ms in the queue"))
+                if it.future.set_running_or_notify_cancel():
+                    running.append(it)
                 else:
-                    live.append(it)
+                    self.stats.dropped += 1  # cancelled: the client is gone
+            live = self._unexpired(running)
             if live:
                 self._infer(live)
+
+    def _unexpired(self, items: list[_Item]) -> list[_Item]:
+        """`items` whose deadline has not passed; the others are answered with Expired."""
+        now = time.monotonic()
+        live = []
+        for it in items:
+            if it.deadline is not None and now >= it.deadline:
+                self.stats.dropped += 1
+                waited = (now - it.enqueued) * 1e3
+                it.future.set_exception(Expired(f"request | deadline passed after {waited:.1f} ms in the queue"))
+            else:
+                live.append(it)
+        return live
 
     def _infer(self, live: list[_Item]) -> None:
         """Encode `live` and answer each future; in halves after an out-of-memory error."""
@@ -251,8 +260,10 @@ class Batcher:
             self.stats.splits += 1
             log.warning("out of memory encoding a batch of %d: encoding it in halves (%s)", len(live), short_of_memory)
             half = len(live) // 2
-            self._infer(live[:half])
-            self._infer(live[half:])
+            for part in (live[:half], live[half:]):
+                part = self._unexpired(part)  # the failed attempt took time: deadlines may have passed
+                if part:
+                    self._infer(part)
             return
         seconds = time.perf_counter() - t0
         self.stats.batches += 1

@@ -161,6 +161,26 @@ def test_an_image_that_does_not_fit_alone_fails_alone():
     assert b.stats.items == 3
 
 
+def test_a_deadline_that_passes_during_the_failed_attempt_is_honoured():
+    sizes = []
+
+    def slow_and_short(images):
+        sizes.append(len(images))
+        if len(images) > 2:
+            time.sleep(1.5)  # the failed attempt takes longer than the first request may wait
+            raise MemoryError()
+        return images.reshape(len(images), -1)[:, :4].astype(np.float32)
+
+    with Batcher(slow_and_short, max_batch=4, max_delay_us=5_000_000, split_when=out_of_memory) as b:
+        tickets = [b.reserve() for _ in range(4)]
+        now = time.monotonic()
+        futs = [t.submit(image(v), deadline=now + (1.0 if v == 0 else 60)) for v, t in enumerate(tickets)]
+        with pytest.raises(Expired, match="deadline passed"):
+            futs[0].result(10)
+        assert [f.result(10)[0] for f in futs[1:]] == [1, 2, 3]
+    assert sizes == [4, 1, 2] and b.stats.dropped == 1  # the expired image was not encoded again
+
+
 def test_other_errors_fail_the_whole_batch_without_a_retry():
     enc = ShortOfMemory(lambda: RuntimeError("shape mismatch in node Conv_3"), fits=0)
     with Batcher(enc, max_batch=4, max_delay_us=5_000_000, split_when=out_of_memory) as b:
