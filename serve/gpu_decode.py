@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hashret.engines.base import torch_oom_errors
 from hashret.errors import BadInput, HashretError, Unavailable, first_line
 from hashret.images import (
     DEFAULT_MAX_BYTES,
@@ -317,7 +318,7 @@ class GpuDecoder:
         try:
             return list(self._device_batch(datas))
         except Exception as e:
-            oom = isinstance(e, _oom_errors())
+            oom = isinstance(e, torch_oom_errors())
             if len(datas) == 1 and not oom:
                 log.info("GPU decode | image refused by the device decoder (%s): decoding it on the CPU",
                          first_line(e))
@@ -370,12 +371,6 @@ class GpuDecoder:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _oom_errors() -> tuple[type[BaseException], ...]:
-    from serve.gallery.torch_index import _oom_errors as errors
-
-    return errors()
 
 
 # ---- parity: codes from GPU-decoded vs CPU-decoded golden photos ---------------------------------

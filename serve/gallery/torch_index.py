@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from hashret.engines.base import torch_oom_errors
 from hashret.errors import BadInput, Unavailable, first_line
 from serve.gallery.base import index_kind
 from serve.gallery.faiss_index import FaissGallery
@@ -85,14 +86,6 @@ def resolve_device(device: str, what: str):
     return torch.device(device)
 
 
-def _oom_errors() -> tuple[type[BaseException], ...]:
-    import torch  # noqa: F401  (loaded, so its types are found)
-
-    from hashret.engines.base import torch_oom_errors
-
-    return torch_oom_errors()
-
-
 def popcount64(x):
     """Set bits per element of an int64 tensor (SWAR: shifts, masks and adds; torch has no popcount).
 
@@ -124,11 +117,11 @@ class TorchFlatIndex:
         self.nbytes = self.d // 8
         self.words = -(-self.nbytes // _WORD)
         self.ntotal = 0
-        self.chunk_bytes = None if chunk_bytes is None else int(chunk_bytes)  # None: see _chunk_bytes
+        self.chunk_bytes = None if chunk_bytes is None else int(chunk_bytes)  # None: chosen at the first search
         self._db = torch.zeros((0, self.words), dtype=torch.int64, device=device)
         self.broken = False  # an add failed (device memory): the gallery rebuilds before searching
         # the fused distance kernel: None untried, False unavailable here
-        self._fused = None if getattr(device, "type", str(device)) == "cuda" else False
+        self._fused = None if device.type == "cuda" else False
 
     def _words(self, codes: np.ndarray):
         codes = np.ascontiguousarray(codes, np.uint8)
@@ -152,7 +145,7 @@ class TorchFlatIndex:
                 self._db = grown
             self._db[self.ntotal : need] = rows
             self.ntotal = need
-        except _oom_errors() as e:
+        except torch_oom_errors() as e:
             # The write is already durable (WAL) and in the host arrays: never fail it for the device
             # copy. Free what this index holds; the next search rebuilds it, or reports the shortage.
             self.release()
@@ -175,12 +168,14 @@ class TorchFlatIndex:
         if k < 1 or not len(queries):
             return np.zeros((len(queries), 0), np.int32), np.zeros((len(queries), 0), np.int64)
         q = self._words(queries).to(self.device)
-        rows = max(k, self._chunk_bytes() // (self._pair_bytes() * len(q)))
+        if self.chunk_bytes is None:  # once: a driver call per search is not worth it
+            self.chunk_bytes = self._default_chunk_bytes()
+        rows = max(k, self.chunk_bytes // (self._pair_bytes() * len(q)))
         while True:
             try:
                 keys = self._scan(q, k, rows)
                 break
-            except _oom_errors():
+            except torch_oom_errors():
                 if rows <= k:
                     raise Unavailable(
                         f"torch-flat on {self.device} | out of device memory scanning {len(q)} queries even "
@@ -194,12 +189,11 @@ class TorchFlatIndex:
         keys = keys.cpu().numpy()
         return (keys >> ROW_BITS).astype(np.int32), keys & ((1 << ROW_BITS) - 1)
 
-    def _chunk_bytes(self) -> int:
-        """The scan's temporaries per chunk: as set, else CHUNK_BYTES, or on a GPU an eighth of
-        its free memory up to MAX_GPU_CHUNK_BYTES, so that a large gallery is scanned in one or a
-        few chunks (each chunk is a dozen kernel launches and a device sync)."""
-        if self.chunk_bytes is not None:
-            return self.chunk_bytes
+    def _default_chunk_bytes(self) -> int:
+        """The scan's temporaries per chunk: CHUNK_BYTES, or on a GPU an eighth of its free memory
+        up to MAX_GPU_CHUNK_BYTES, so that a large gallery is scanned in one or a few chunks (each
+        chunk is a dozen kernel launches and a device sync). Less memory later is met by the
+        out-of-memory halving."""
         if self.device.type != "cuda":
             return CHUNK_BYTES
         free, _ = self.torch.cuda.mem_get_info(self.device)
